@@ -1,0 +1,244 @@
+r"""The SophiaG specification: hyperparameters, validation, and the update in NumPy.
+
+This module is the single source of truth that :mod:`sophia.jax` and
+:mod:`sophia.torch` both obey. It depends on NumPy only.
+
+The update (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order
+Optimizer for Language Model Pre-training", arXiv:2305.14342), for each
+parameter :math:`\theta` with gradient :math:`g`, momentum :math:`m` and
+diagonal-Hessian EMA :math:`h`:
+
+.. math::
+
+   g &\leftarrow -g \quad\text{if maximize} \\
+   m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+   r &\leftarrow \min\!\left(\frac{|m|}{\rho\,bs\,\max(h, 0) + \epsilon}, 1\right) \\
+   u &\leftarrow \operatorname{sign}(m)\, r + \lambda\,\theta \\
+   \theta &\leftarrow \theta - \eta\, u
+
+and, on a Hessian refresh with estimate :math:`\hat h`,
+:math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h`. There is no bias
+correction, as in the paper's code.
+
+Arithmetic contract (what makes the frameworks agree to the bit):
+
+* The *compute dtype* is float32 for float32/bfloat16/float16 parameters and
+  float64 for float64 parameters. Every operand is cast to it, the result is
+  cast back to the storage dtype of each array.
+* Scalar coefficients are rounded to the compute dtype first, and derived
+  scalars are computed *in* the compute dtype: ``one_minus_b1 = 1 - b1``,
+  ``rho_bs = rho * bs``. That makes a hyperparameter passed as a Python float,
+  a traced array (``optax.inject_hyperparams``) or a tensor give one result.
+* ``eps`` is floored at the compute dtype's smallest normal number, so
+  ``eps=0`` can never produce ``0/0``.
+* Operation order is exactly the one in :func:`sophia_update` below, each
+  operation rounded on its own (no fused multiply-add).
+
+Dynamic rho (``dynamic=True``): at every Hessian refresh, after the EMA, and
+only once at least one step has been taken, the group's ``rho`` moves by
+:data:`DYNAMIC_FACTOR` according to the win rate of the last step (the fraction
+of coordinates with ``r < 1``):
+
+* win rate ``< WIN_RATE_BAND[0]``: ``rho <- min(rho * DYNAMIC_FACTOR, rho0 * DYNAMIC_RANGE)``
+* win rate ``> WIN_RATE_BAND[1]``: ``rho <- max(rho / DYNAMIC_FACTOR, rho0 / DYNAMIC_RANGE)``
+* otherwise unchanged;
+
+all in the compute dtype (float32 unless the parameters are float64), where
+``rho0`` is the configured ``rho``. A larger ``rho`` shrinks ``|m| / (rho bs h)``
+and so raises the win rate. A group with no coordinates never moves its rho.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULTS",
+    "DYNAMIC_FACTOR",
+    "DYNAMIC_RANGE",
+    "WIN_RATE_BAND",
+    "SophiaHyperParams",
+    "compute_dtype",
+    "dynamic_rho",
+    "effective_eps",
+    "hessian_ema",
+    "sophia_update",
+    "validate",
+    "win_rate",
+]
+
+#: The lower and upper win rate that the paper's authors recommend.
+WIN_RATE_BAND: tuple[float, float] = (0.1, 0.5)
+#: Multiplicative step of the dynamic-rho rule at each Hessian refresh.
+DYNAMIC_FACTOR: float = 1.25
+#: Dynamic rho stays within ``[rho0 / DYNAMIC_RANGE, rho0 * DYNAMIC_RANGE]``.
+DYNAMIC_RANGE: float = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SophiaHyperParams:
+    """SophiaG hyperparameters with the seed's defaults.
+
+    Attributes:
+      lr: learning rate :math:`\\eta`.
+      betas: ``(b1, b2)``, EMA rates of the momentum and of the Hessian.
+      rho: clipping scale :math:`\\rho` (the paper's gamma).
+      weight_decay: decoupled weight decay :math:`\\lambda`.
+      eps: added to the denominator.
+      bs: number of sampled labels behind each GNB estimate (the reference
+        code's ``step(bs=5120)``); the denominator is ``rho * bs * h``.
+      hessian_update_interval: refresh ``h`` every ``k`` steps (``None``: the
+        user refreshes it by hand).
+      maximize: ascend instead of descend.
+      dynamic: adapt ``rho`` so that the win rate returns into
+        :data:`WIN_RATE_BAND`.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.965, 0.99)
+    rho: float = 0.04
+    weight_decay: float = 1e-1
+    eps: float = 1e-15
+    bs: float = 5120
+    hessian_update_interval: int | None = 10
+    maximize: bool = False
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        validate(**dataclasses.asdict(self))
+
+
+DEFAULTS = SophiaHyperParams()
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def validate(
+    lr: Any = DEFAULTS.lr,
+    betas: Any = DEFAULTS.betas,
+    rho: Any = DEFAULTS.rho,
+    weight_decay: Any = DEFAULTS.weight_decay,
+    eps: Any = DEFAULTS.eps,
+    bs: Any = DEFAULTS.bs,
+    hessian_update_interval: Any = DEFAULTS.hessian_update_interval,
+    maximize: Any = DEFAULTS.maximize,
+    dynamic: Any = DEFAULTS.dynamic,
+) -> None:
+    """Checks SophiaG hyperparameters; the one validator both frameworks use.
+
+    Numbers are checked; anything else given for ``lr`` (a schedule, a tensor,
+    a traced array) is left to the framework, which calls this with a number
+    when it can. Raises ``ValueError`` naming the argument, the value and what
+    is allowed.
+    """
+    if _is_number(lr):
+        _check("lr", lr, math.isfinite(lr) and lr >= 0, "a finite number >= 0")
+    ok = isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
+    _check("betas", betas, ok, "a pair (b1, b2)")
+    for i, b in enumerate(betas):
+        _check(f"betas[{i}]", b, _is_number(b) and 0.0 <= b < 1.0, "a number in [0, 1)")
+    _check("rho", rho, _is_number(rho) and math.isfinite(rho) and rho > 0, "a finite number > 0")
+    wd_ok = _is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0
+    _check("weight_decay", weight_decay, wd_ok, "a finite number >= 0")
+    _check("eps", eps, _is_number(eps) and math.isfinite(eps) and eps >= 0, "a finite number >= 0")
+    _check("bs", bs, _is_number(bs) and math.isfinite(bs) and bs > 0, "a finite number > 0")
+    k = hessian_update_interval
+    k_ok = k is None or (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1)
+    _check("hessian_update_interval", k, k_ok, "an integer >= 1, or None")
+    _check("maximize", maximize, isinstance(maximize, (bool, np.bool_)), "True or False")
+    _check("dynamic", dynamic, isinstance(dynamic, (bool, np.bool_)), "True or False")
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype the update math runs in for parameters of ``dtype``."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def effective_eps(eps: float, dtype: Any = np.float32) -> float:
+    """``eps`` floored at the smallest normal number of the compute dtype."""
+    cd = compute_dtype(dtype)
+    return float(max(cd.type(eps), np.finfo(cd).tiny))
+
+
+def sophia_update(
+    theta: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    h: np.ndarray,
+    *,
+    lr: float = DEFAULTS.lr,
+    b1: float = DEFAULTS.betas[0],
+    rho: float = DEFAULTS.rho,
+    bs: float = DEFAULTS.bs,
+    weight_decay: float = DEFAULTS.weight_decay,
+    eps: float = DEFAULTS.eps,
+    maximize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One SophiaG parameter update, the reference every framework matches.
+
+    Args:
+      theta, g, m, h: parameter, gradient, momentum and Hessian EMA. Their
+        dtypes are the storage dtypes; the math runs in :func:`compute_dtype`.
+      lr, b1, rho, bs, weight_decay, eps, maximize: as in
+        :class:`SophiaHyperParams`.
+
+    Returns:
+      ``(theta_new, m_new, n_win)``: the new parameter and momentum in their
+      storage dtypes, and the number of coordinates with ``r < 1``.
+    """
+    cd = compute_dtype(theta.dtype)
+    c = cd.type
+    t = theta.astype(cd)
+    g = g.astype(cd)
+    if maximize:
+        g = -g
+    b1c = c(b1)
+    m_new = b1c * m.astype(cd) + (c(1) - b1c) * g
+    den = (c(rho) * c(bs)) * np.maximum(h.astype(cd), c(0)) + c(effective_eps(eps, cd))
+    r = np.minimum(np.abs(m_new) / den, c(1))
+    u = np.sign(m_new) * r + c(weight_decay) * t
+    t_new = t - c(lr) * u
+    return t_new.astype(theta.dtype), m_new.astype(m.dtype), int(np.count_nonzero(r < 1))
+
+
+def hessian_ema(h: np.ndarray, h_hat: np.ndarray, b2: float = DEFAULTS.betas[1]) -> np.ndarray:
+    """``h <- b2 * h + (1 - b2) * h_hat`` in the compute dtype, cast back to ``h.dtype``."""
+    cd = compute_dtype(h.dtype)
+    b2c = cd.type(b2)
+    out = b2c * h.astype(cd) + (cd.type(1) - b2c) * h_hat.astype(cd)
+    return out.astype(h.dtype)
+
+
+def win_rate(n_win: int, n_total: int, dtype: Any = np.float32) -> np.floating:
+    """Fraction of coordinates with ``r < 1``; 0 for an empty group."""
+    cd = compute_dtype(dtype)
+    return cd.type(n_win) / cd.type(max(n_total, 1))
+
+
+def dynamic_rho(
+    rho: float, rate: float, rho0: float, dtype: Any = np.float32, n_total: int = 1
+) -> np.floating:
+    """The dynamic-rho rule applied once (see the module docstring)."""
+    cd = compute_dtype(dtype)
+    c = cd.type
+    rho, rate, rho0 = c(rho), c(rate), c(rho0)
+    if n_total == 0:
+        return rho
+    if rate < c(WIN_RATE_BAND[0]):
+        return np.minimum(rho * c(DYNAMIC_FACTOR), rho0 * c(DYNAMIC_RANGE))
+    if rate > c(WIN_RATE_BAND[1]):
+        return np.maximum(rho / c(DYNAMIC_FACTOR), rho0 / c(DYNAMIC_RANGE))
+    return rho
