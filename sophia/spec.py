@@ -83,13 +83,13 @@ DYNAMIC_RANGE: float = 100.0
 
 @dataclasses.dataclass(frozen=True)
 class SophiaHyperParams:
-    """SophiaG hyperparameters with the seed's defaults.
+    r"""SophiaG hyperparameters with the seed's defaults.
 
     Attributes:
-      lr: learning rate :math:`\\eta`.
+      lr: learning rate :math:`\eta`.
       betas: ``(b1, b2)``, EMA rates of the momentum and of the Hessian.
-      rho: clipping scale :math:`\\rho` (the paper's gamma).
-      weight_decay: decoupled weight decay :math:`\\lambda`.
+      rho: clipping scale :math:`\rho` (the paper's gamma).
+      weight_decay: decoupled weight decay :math:`\lambda`.
       eps: added to the denominator.
       bs: number of sampled labels behind each GNB estimate (the reference
         code's ``step(bs=5120)``); the denominator is ``rho * bs * h``.
@@ -114,9 +114,6 @@ class SophiaHyperParams:
         validate(**dataclasses.asdict(self))
 
 
-DEFAULTS = SophiaHyperParams()
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -126,40 +123,75 @@ def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
 
 
+def _concrete(name: str, value: Any, allowed: str) -> float | None:
+    """``value`` as a float, or ``None`` where it is not concrete yet.
+
+    Arrays, tensors and NumPy scalars with one element are read; traced
+    values (inside ``jax.jit`` or ``optax.inject_hyperparams``) and schedules
+    cannot be read and are left to the framework.
+    """
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        _check(name, value, False, allowed)
+    if _is_number(value):
+        return float(value)
+    if callable(value) and not hasattr(value, "shape"):
+        return None
+    try:
+        return float(value)
+    except Exception:  # noqa: BLE001 - a tracer or a lazy value: the framework checks it
+        return None
+
+
+def _check_number(
+    name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool
+) -> None:
+    lo_s = "(" if lo_open else "["
+    hi_s = ")" if hi_open else "]"
+    allowed = f"a number in {lo_s}{lo:g}, {hi:g}{hi_s}"
+    v = _concrete(name, value, allowed)
+    if v is None:
+        return
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    _check(name, value, ok and not math.isnan(v), allowed)
+
+
 def validate(
-    lr: Any = DEFAULTS.lr,
-    betas: Any = DEFAULTS.betas,
-    rho: Any = DEFAULTS.rho,
-    weight_decay: Any = DEFAULTS.weight_decay,
-    eps: Any = DEFAULTS.eps,
-    bs: Any = DEFAULTS.bs,
-    hessian_update_interval: Any = DEFAULTS.hessian_update_interval,
-    maximize: Any = DEFAULTS.maximize,
-    dynamic: Any = DEFAULTS.dynamic,
+    lr: Any = 1e-4,
+    betas: Any = (0.965, 0.99),
+    rho: Any = 0.04,
+    weight_decay: Any = 1e-1,
+    eps: Any = 1e-15,
+    bs: Any = 5120,
+    hessian_update_interval: Any = 10,
+    maximize: Any = False,
+    dynamic: Any = False,
 ) -> None:
     """Checks SophiaG hyperparameters; the one validator both frameworks use.
 
-    Numbers are checked; anything else given for ``lr`` (a schedule, a tensor,
-    a traced array) is left to the framework, which calls this with a number
-    when it can. Raises ``ValueError`` naming the argument, the value and what
-    is allowed.
+    A value that is not concrete (a learning-rate schedule, a traced array
+    inside ``optax.inject_hyperparams``) is left to the framework. Raises
+    ``ValueError`` naming the argument, the value and what is allowed, e.g.
+    ``Invalid rho: -1.0 (allowed: a number in (0, inf))``.
     """
-    if _is_number(lr):
-        _check("lr", lr, math.isfinite(lr) and lr >= 0, "a finite number >= 0")
+    inf = math.inf
+    _check_number("lr", lr, 0.0, inf, False, True)
     ok = isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
     _check("betas", betas, ok, "a pair (b1, b2)")
     for i, b in enumerate(betas):
-        _check(f"betas[{i}]", b, _is_number(b) and 0.0 <= b < 1.0, "a number in [0, 1)")
-    _check("rho", rho, _is_number(rho) and math.isfinite(rho) and rho > 0, "a finite number > 0")
-    wd_ok = _is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0
-    _check("weight_decay", weight_decay, wd_ok, "a finite number >= 0")
-    _check("eps", eps, _is_number(eps) and math.isfinite(eps) and eps >= 0, "a finite number >= 0")
-    _check("bs", bs, _is_number(bs) and math.isfinite(bs) and bs > 0, "a finite number > 0")
+        _check_number(f"betas[{i}]", b, 0.0, 1.0, False, True)
+    _check_number("rho", rho, 0.0, inf, True, True)
+    _check_number("weight_decay", weight_decay, 0.0, inf, False, True)
+    _check_number("eps", eps, 0.0, inf, False, True)
+    _check_number("bs", bs, 0.0, inf, True, True)
     k = hessian_update_interval
     k_ok = k is None or (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1)
     _check("hessian_update_interval", k, k_ok, "an integer >= 1, or None")
     _check("maximize", maximize, isinstance(maximize, (bool, np.bool_)), "True or False")
     _check("dynamic", dynamic, isinstance(dynamic, (bool, np.bool_)), "True or False")
+
+
+#: The seed's defaults.
+DEFAULTS = SophiaHyperParams()
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
