@@ -155,6 +155,24 @@ def _check_number(
     _check(name, value, ok and not math.isnan(v), allowed)
 
 
+def _check_interval(k: Any) -> None:
+    """``None``, or an integer >= 1 (a Python int or an integer array with one element).
+
+    ``optax.inject_hyperparams`` turns ints into arrays, and inside ``jit`` into
+    tracers, which are left to the framework.
+    """
+    allowed = "an integer >= 1, or None"
+    if k is None:
+        return
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        _check("hessian_update_interval", k, k >= 1, allowed)
+        return
+    kind = getattr(getattr(k, "dtype", None), "kind", None)
+    _check("hessian_update_interval", k, kind in ("i", "u"), allowed)
+    v = _concrete("hessian_update_interval", k, allowed)
+    _check("hessian_update_interval", k, v is None or v >= 1, allowed)
+
+
 def validate(
     lr: Any = 1e-4,
     betas: Any = (0.965, 0.99),
@@ -183,9 +201,7 @@ def validate(
     _check_number("weight_decay", weight_decay, 0.0, inf, False, True)
     _check_number("eps", eps, 0.0, inf, False, True)
     _check_number("bs", bs, 0.0, inf, True, True)
-    k = hessian_update_interval
-    k_ok = k is None or (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1)
-    _check("hessian_update_interval", k, k_ok, "an integer >= 1, or None")
+    _check_interval(hessian_update_interval)
     _check("maximize", maximize, isinstance(maximize, (bool, np.bool_)), "True or False")
     _check("dynamic", dynamic, isinstance(dynamic, (bool, np.bool_)), "True or False")
 

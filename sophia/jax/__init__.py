@@ -1,0 +1,38 @@
+"""SophiaG for JAX: the jit-compiled Optax reference transform.
+
+Example::
+
+    import optax
+    import sophia.jax as sj
+
+    tx = sj.sophia_g(3e-4, rho=0.03, weight_decay=0.2, bs=batch_tokens)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, logits_fn=lambda p: model(p, x))
+    params = optax.apply_updates(params, updates)
+"""
+
+from sophia.jax.alias import sophia_g, sophia_h
+from sophia.jax.estimators import gnb, gnb_from_vjp, hutchinson, sample_labels
+from sophia.jax.transform import (
+    Estimator,
+    ScaleBySophiaState,
+    add_decayed_weights,
+    diagnostics,
+    scale_by_sophia,
+    update_hessian,
+)
+
+__all__ = [
+    "Estimator",
+    "ScaleBySophiaState",
+    "add_decayed_weights",
+    "diagnostics",
+    "gnb",
+    "gnb_from_vjp",
+    "hutchinson",
+    "sample_labels",
+    "scale_by_sophia",
+    "sophia_g",
+    "sophia_h",
+    "update_hessian",
+]

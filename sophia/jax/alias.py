@@ -1,0 +1,194 @@
+"""Ready-made SophiaG and Sophia-H optimizers, chained as optax's own aliases are."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import optax
+
+from sophia import spec
+from sophia.jax.estimators import gnb, hutchinson
+from sophia.jax.transform import Estimator, add_decayed_weights, scale_by_sophia
+
+__all__ = ["sophia_g", "sophia_h"]
+
+_D = spec.DEFAULTS
+
+
+_ESTIMATORS: dict[str, Estimator] = {"gnb": gnb, "hutchinson": hutchinson}
+
+
+def _estimator(estimator: Estimator | str) -> Estimator:
+    if isinstance(estimator, str):
+        if estimator not in _ESTIMATORS:
+            raise ValueError(
+                f"Invalid estimator: {estimator!r} (allowed: {', '.join(map(repr, _ESTIMATORS))}"
+                " or a callable estimator(params, key, **extra_args) -> h_hat)"
+            )
+        return _ESTIMATORS[estimator]
+    if not callable(estimator):
+        raise ValueError(
+            f"Invalid estimator: {estimator!r} (allowed: 'gnb', 'hutchinson' or a callable)"
+        )
+    return estimator
+
+
+def sophia_g(
+    learning_rate: optax.ScalarOrSchedule = _D.lr,
+    b1: chex.Numeric = _D.betas[0],
+    b2: chex.Numeric = _D.betas[1],
+    rho: chex.Numeric = _D.rho,
+    weight_decay: optax.ScalarOrSchedule = _D.weight_decay,
+    *,
+    bs: chex.Numeric = _D.bs,
+    eps: chex.Numeric = _D.eps,
+    hessian_update_interval: int | None = _D.hessian_update_interval,
+    estimator: Estimator | str = "gnb",
+    maximize: bool = False,
+    dynamic: bool = False,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any | None = None,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SophiaG with the Gauss-Newton-Bartlett Hessian estimator.
+
+    .. math::
+
+       m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+       \theta_t &= \theta_{t-1} - \eta_t \left(\operatorname{sign}(m_t)
+         \min\!\left(\frac{|m_t|}{\rho\, bs\, \max(h_t,0) + \epsilon}, 1\right)
+         + \lambda \theta_{t-1}\right)
+
+    with :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` every
+    ``hessian_update_interval`` steps, :math:`\hat h` from :func:`sophia.jax.gnb`.
+    On those steps pass the model's logits for the current batch::
+
+        updates, state = tx.update(grads, state, params, logits_fn=lambda p: model(p, x))
+
+    (or ``logits=..., logits_vjp=...`` to reuse the training forward pass).
+    ``bs`` should be the number of labels behind each estimate (tokens per
+    batch for a language model).
+
+    Args:
+      learning_rate: a scalar or an optax schedule.
+      b1: EMA rate of the momentum.
+      b2: EMA rate of the Hessian estimate.
+      rho: clipping scale.
+      weight_decay: decoupled weight decay (scalar or schedule), multiplied by
+        the learning rate as in AdamW.
+      bs: number of sampled labels behind each estimate.
+      eps: added to the denominator.
+      hessian_update_interval: refresh every ``k`` steps; ``None`` for manual
+        refreshes with :func:`sophia.jax.update_hessian`.
+      estimator: ``"gnb"`` (:func:`sophia.jax.gnb`), ``"hutchinson"``
+        (:func:`sophia.jax.hutchinson`) or an :data:`sophia.jax.Estimator`
+        callable. A name keeps :func:`optax.inject_hyperparams` working without
+        ``static_args``; a callable must be listed in its ``static_args``, or it
+        is taken for a schedule.
+      maximize: ascend instead of descend.
+      dynamic: adapt ``rho`` to keep the win rate in [0.1, 0.5].
+      weight_decay_mask: a pytree of booleans (or a function of the params
+        returning one) selecting the leaves that decay.
+      mu_dtype: dtype of the momentum (default: the parameters').
+      seed: seed or PRNG key of the label sampling.
+
+    Returns:
+      The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
+
+    References:
+      Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
+      Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
+    """
+    spec.validate(
+        lr=learning_rate,
+        betas=(b1, b2),
+        rho=rho,
+        weight_decay=weight_decay,
+        eps=eps,
+        bs=bs,
+        hessian_update_interval=hessian_update_interval,
+        maximize=maximize,
+        dynamic=dynamic,
+    )
+    return optax.chain(
+        scale_by_sophia(
+            b1,
+            b2,
+            rho,
+            bs=bs,
+            eps=eps,
+            hessian_update_interval=hessian_update_interval,
+            estimator=_estimator(estimator) if hessian_update_interval is not None else None,
+            maximize=maximize,
+            dynamic=dynamic,
+            mu_dtype=mu_dtype,
+            seed=seed,
+        ),
+        add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sophia_h(
+    learning_rate: optax.ScalarOrSchedule = _D.lr,
+    b1: chex.Numeric = _D.betas[0],
+    b2: chex.Numeric = _D.betas[1],
+    rho: chex.Numeric = 0.01,
+    weight_decay: optax.ScalarOrSchedule = _D.weight_decay,
+    *,
+    bs: chex.Numeric = 1.0,
+    eps: chex.Numeric = _D.eps,
+    hessian_update_interval: int | None = _D.hessian_update_interval,
+    maximize: bool = False,
+    dynamic: bool = False,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any | None = None,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sophia-H: :func:`sophia_g`'s update with the Hutchinson estimator.
+
+    The estimate :math:`v \odot (\nabla^2 L\,v)` is of the loss's own Hessian,
+    so no label count enters and ``bs`` defaults to 1; ``rho`` defaults to
+    0.01, the paper's value for Sophia-H. On refresh steps pass the loss::
+
+        updates, state = tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))
+
+    exactly as for ``optax.contrib.sophia``.
+
+    Args:
+      learning_rate: a scalar or an optax schedule.
+      b1: EMA rate of the momentum.
+      b2: EMA rate of the Hessian estimate.
+      rho: clipping scale.
+      weight_decay: decoupled weight decay (scalar or schedule).
+      bs: multiplies ``rho`` in the denominator (1 for Hutchinson).
+      eps: added to the denominator.
+      hessian_update_interval: refresh every ``k`` steps; ``None`` for manual.
+      maximize: ascend instead of descend.
+      dynamic: adapt ``rho`` to keep the win rate in [0.1, 0.5].
+      weight_decay_mask: which leaves decay.
+      mu_dtype: dtype of the momentum.
+      seed: seed or PRNG key of the Rademacher probes.
+
+    Returns:
+      The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
+    """
+    return sophia_g(
+        learning_rate,
+        b1,
+        b2,
+        rho,
+        weight_decay,
+        bs=bs,
+        eps=eps,
+        hessian_update_interval=hessian_update_interval,
+        estimator="hutchinson",
+        maximize=maximize,
+        dynamic=dynamic,
+        weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype,
+        seed=seed,
+    )

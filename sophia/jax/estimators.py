@@ -1,0 +1,157 @@
+r"""Diagonal-Hessian estimators for SophiaG (GNB) and Sophia-H (Hutchinson).
+
+Both have the :data:`sophia.jax.Estimator` signature
+``estimator(params, key, **extra_args) -> h_hat`` so :func:`scale_by_sophia`
+can call them on refresh steps with the keyword arguments given to
+``update``; arguments an estimator does not use are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["gnb", "gnb_from_vjp", "hutchinson", "sample_labels"]
+
+_GNB_INPUTS = (
+    "sophia_g needs the model's logits on a Hessian refresh step: pass "
+    "update(grads, state, params, logits_fn=lambda p: model(p, x)) (logits_fn(params) -> "
+    "logits[..., vocab]), or reuse the training forward with "
+    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp)"
+)
+
+
+def sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """Labels drawn from the model's own predictive distribution ``softmax(logits)``.
+
+    Args:
+      key: PRNG key.
+      logits: ``[..., vocab]`` unnormalised log-probabilities.
+
+    Returns:
+      Integer labels of shape ``logits.shape[:-1]``.
+    """
+    return jax.random.categorical(key, jax.lax.stop_gradient(logits), axis=-1)
+
+
+def _residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``d mean_i CE(logits_i, labels_i) / d logits``, i.e. ``(softmax - onehot) / N``."""
+    n = max(logits.size // logits.shape[-1], 1)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return ((probs - onehot) / n).astype(logits.dtype)
+
+
+def gnb_from_vjp(
+    logits: jax.Array,
+    logits_vjp: Callable[[jax.Array], tuple[optax.Params]],
+    key: jax.Array,
+    labels: jax.Array | None = None,
+) -> optax.Params:
+    r"""GNB estimate from an existing forward pass: one backward, no forward.
+
+    With ``logits, logits_vjp = jax.vjp(logits_fn, params)`` from the training
+    step, the gradient of the mean cross-entropy against sampled labels is
+    ``logits_vjp((softmax(logits) - onehot(y_hat)) / N)``; its square is the
+    estimate. The same ``logits_vjp`` can also produce the training gradient.
+
+    Args:
+      logits: ``[..., vocab]`` logits of the current batch.
+      logits_vjp: the VJP function returned by :func:`jax.vjp` with the logits.
+      key: PRNG key for the label sampling.
+      labels: labels to use instead of sampling (tests, cross-framework runs).
+
+    Returns:
+      ``h_hat``, with the structure of the parameters.
+    """
+    y = sample_labels(key, logits) if labels is None else labels
+    (g_hat,) = logits_vjp(_residual(jax.lax.stop_gradient(logits), y))
+    return jax.tree.map(jnp.square, g_hat)
+
+
+def gnb(
+    params: optax.Params,
+    key: jax.Array,
+    *,
+    logits_fn: Callable[[optax.Params], jax.Array] | None = None,
+    logits: jax.Array | None = None,
+    logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None = None,
+    labels: jax.Array | None = None,
+    **_: Any,
+) -> optax.Params:
+    r"""Gauss-Newton-Bartlett estimate of the diagonal Hessian (Sophia-G).
+
+    Samples :math:`\hat y \sim \mathrm{softmax}(f(\theta))`, takes
+    :math:`\hat g = \nabla_\theta \frac1N \sum_i \ell(f_i(\theta), \hat y_i)`
+    (mean cross-entropy over the ``N = logits.size / vocab`` sampled labels)
+    and returns :math:`\hat h = \hat g \odot \hat g`. By Bartlett's identity
+    :math:`N\,\mathbb E[\hat h]` is the diagonal of the Gauss-Newton matrix of
+    the mean loss, which is why the update divides by ``rho * bs * h`` with
+    ``bs = N``.
+
+    Args:
+      params: parameters to estimate at.
+      key: PRNG key for the label sampling.
+      logits_fn: ``logits_fn(params) -> logits[..., vocab]`` on the current
+        batch; costs one forward and one backward.
+      logits: with ``logits_vjp``, the training step's logits (forward reuse).
+      logits_vjp: the VJP of ``logits_fn`` at ``params`` (``jax.vjp``); with it
+        a refresh costs one extra backward and no forward.
+      labels: fixed labels instead of sampled ones.
+      **_: other keyword arguments of ``update``, ignored.
+
+    Returns:
+      ``h_hat``, with the structure of ``params``.
+    """
+    if logits_vjp is not None:
+        if logits is None:
+            raise ValueError("gnb: logits_vjp=... needs the matching logits=...; " + _GNB_INPUTS)
+        return gnb_from_vjp(logits, logits_vjp, key, labels)
+    if logits_fn is None:
+        raise ValueError(_GNB_INPUTS)
+    out, vjp = jax.vjp(logits_fn, params)
+    return gnb_from_vjp(out, vjp, key, labels)
+
+
+def _rademacher_like(key: jax.Array, tree: optax.Params) -> optax.Params:
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    vs = [jax.random.rademacher(k, x.shape, dtype=x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, vs)
+
+
+def hutchinson(
+    params: optax.Params,
+    key: jax.Array,
+    *,
+    obj_fn: Callable[[optax.Params], jax.Array] | None = None,
+    **_: Any,
+) -> optax.Params:
+    r"""Hutchinson estimate of the diagonal Hessian (Sophia-H).
+
+    :math:`\hat h = v \odot (\nabla^2 L\, v)` with Rademacher :math:`v`, an
+    unbiased estimate of :math:`\mathrm{diag}(\nabla^2 L)` (it can be
+    negative). The Hessian-vector product is forward-over-reverse.
+
+    Args:
+      params: parameters to estimate at.
+      key: PRNG key for the probe.
+      obj_fn: ``obj_fn(params) -> scalar loss`` on the current batch, as in
+        ``optax.contrib.sophia``.
+      **_: other keyword arguments of ``update``, ignored.
+
+    Returns:
+      ``h_hat``, with the structure of ``params``.
+    """
+    if obj_fn is None:
+        raise ValueError(
+            "sophia_h needs the loss on a Hessian refresh step: pass "
+            "update(grads, state, params, obj_fn=lambda p: loss(p, batch))"
+        )
+    v = _rademacher_like(key, params)
+    _, hv = jax.jvp(jax.grad(obj_fn), (params,), (v,))
+    return jax.tree.map(lambda a, b: a * b, v, hv)
