@@ -1,0 +1,190 @@
+r"""Diagonal-Hessian estimators for SophiaG (GNB) and Sophia-H (Hutchinson), in PyTorch.
+
+They mirror :mod:`sophia.jax.estimators` and return one estimate per
+parameter, ready for :meth:`sophia.torch.SophiaG.update_hessian`
+(``hessian=[...]``) or :func:`sophia.torch.functional.hessian_ema`. Estimates
+are in the compute dtype of :mod:`sophia.spec` (float32 for bfloat16/float16
+parameters) and complex parameters get estimates of their real view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sophia.torch.functional import compute_dtype
+
+__all__ = ["gnb", "hutchinson", "sample_labels", "sampled_label_grads"]
+
+
+def sample_labels(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Labels drawn from the model's own predictive distribution ``softmax(logits)``.
+
+    Args:
+      logits: ``[..., vocab]`` unnormalised log-probabilities.
+      generator: random generator of the draw (default: torch's global one).
+
+    Returns:
+      ``int64`` labels of shape ``logits.shape[:-1]``, on the logits' device.
+    """
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits.detach().reshape(-1, vocab).float(), dim=-1)
+    if probs.shape[0] == 0:
+        return torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    draws = torch.multinomial(probs, 1, generator=generator)
+    return draws.reshape(logits.shape[:-1])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def sampled_label_grads(
+    logits: Tensor,
+    params: Sequence[Tensor],
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    retain_graph: bool = True,
+    average_across_ranks: bool | None = None,
+) -> list[Tensor]:
+    r"""Gradient of the mean cross-entropy against labels sampled from the model.
+
+    :math:`\hat g = \nabla_\theta \frac1N \sum_i \ell(f_i(\theta), \hat y_i)`,
+    :math:`\hat y \sim \mathrm{softmax}(f(\theta))`, computed with
+    :func:`torch.autograd.grad` from an existing forward (``.grad`` untouched).
+    The loss is formed in float32, as on the JAX side.
+
+    Args:
+      logits: ``[..., vocab]`` logits attached to the graph of ``params``.
+      params: the parameters to differentiate.
+      labels: labels to use instead of sampling.
+      generator: generator of the label sampling.
+      retain_graph: keep the graph so the training loss can be backpropagated
+        through the same forward afterwards.
+      average_across_ranks: all-reduce (average) the gradient over the default
+        process group; ``None``: whenever ``torch.distributed`` is initialised.
+
+    Returns:
+      One gradient per parameter (zeros for parameters the logits do not use).
+    """
+    vocab = logits.shape[-1]
+    y = sample_labels(logits, generator) if labels is None else labels
+    flat = logits.reshape(-1, vocab)
+    if flat.shape[0] == 0:
+        return [torch.zeros_like(p) for p in params]
+    loss = F.cross_entropy(flat.float(), y.reshape(-1).to(logits.device), reduction="mean")
+    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    if average_across_ranks is None:
+        average_across_ranks = _distributed()
+    if average_across_ranks:
+        for g in out:
+            torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+            g.div_(torch.distributed.get_world_size())
+    return out
+
+
+def _square(g: Tensor) -> Tensor:
+    g = torch.view_as_real(g) if torch.is_complex(g) else g
+    g = g.to(compute_dtype(g.dtype))
+    return g * g
+
+
+def gnb(
+    logits: Tensor,
+    params: Sequence[Tensor],
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    retain_graph: bool = True,
+    average_across_ranks: bool | None = None,
+) -> list[Tensor]:
+    r"""Gauss-Newton-Bartlett estimate of the diagonal Hessian (Sophia-G).
+
+    :math:`\hat h = \hat g \odot \hat g` with :math:`\hat g` from
+    :func:`sampled_label_grads`. By Bartlett's identity
+    :math:`N\,\mathbb E[\hat h]` is the diagonal of the Gauss-Newton matrix of
+    the mean loss over the ``N = logits.numel() / vocab`` labels, which is why
+    SophiaG divides by ``rho * bs * h`` with ``bs = N``. Costs one backward and
+    no forward when ``logits`` come from the training forward.
+
+    Args:
+      logits: ``[..., vocab]`` logits attached to the graph of ``params``.
+      params: the parameters to estimate at.
+      labels: fixed labels instead of sampled ones (tests, cross-framework runs).
+      generator: generator of the label sampling.
+      retain_graph: keep the graph for a later backward of the training loss.
+      average_across_ranks: average :math:`\hat g` over ranks before squaring
+        (``None``: whenever ``torch.distributed`` is initialised), so every
+        rank gets the same estimate and ``N`` is the global label count.
+
+    Returns:
+      ``h_hat``, one tensor per parameter, in the compute dtype.
+    """
+    grads = sampled_label_grads(
+        logits,
+        params,
+        labels,
+        generator,
+        retain_graph=retain_graph,
+        average_across_ranks=average_across_ranks,
+    )
+    return [_square(g) for g in grads]
+
+
+def _rademacher_like(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    bits = torch.randint(0, 2, p.shape, generator=generator, device=p.device)
+    return (bits * 2 - 1).to(p.dtype)
+
+
+def hutchinson(
+    loss: Tensor,
+    params: Sequence[Tensor],
+    generator: torch.Generator | None = None,
+    *,
+    grads: Sequence[Tensor] | None = None,
+    retain_graph: bool = False,
+) -> list[Tensor]:
+    r"""Hutchinson estimate of the diagonal Hessian (Sophia-H): :math:`v \odot (\nabla^2 L\, v)`.
+
+    Unbiased for :math:`\mathrm{diag}(\nabla^2 L)` with Rademacher :math:`v`
+    (it can be negative; SophiaG clips ``max(h, 0)``). The Hessian-vector
+    product is a double backward, so ``loss`` must be twice differentiable.
+
+    Args:
+      loss: scalar loss on the current batch, attached to the graph of ``params``.
+      params: the parameters to estimate at.
+      generator: generator of the probes.
+      grads: first-order gradients already computed with ``create_graph=True``
+        (saves one backward); computed here otherwise.
+      retain_graph: keep the graph after the Hessian-vector product.
+
+    Returns:
+      ``h_hat``, one tensor per parameter, in the compute dtype.
+    """
+    params = list(params)
+    if grads is None:
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    vs = [_rademacher_like(p, generator) for p in params]
+    hvs: list[Tensor | None] = [None] * len(params)
+    if pairs:
+        out = torch.autograd.grad(
+            [g for _, g in pairs],
+            params,
+            grad_outputs=[vs[i] for i, _ in pairs],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        hvs = list(out)
+    result = []
+    for p, v, hv in zip(params, vs, hvs):
+        hv = torch.zeros_like(p) if hv is None else hv
+        v, hv = (torch.view_as_real(x) if torch.is_complex(x) else x for x in (v, hv))
+        cd = compute_dtype(v.dtype)
+        result.append(v.to(cd) * hv.detach().to(cd))
+    return result
