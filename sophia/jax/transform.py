@@ -81,6 +81,8 @@ def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySoph
     """Applies one Hessian refresh to ``state``: the EMA, then the dynamic-rho rule."""
 
     def ema(h: jax.Array, hh: jax.Array) -> jax.Array:
+        if isinstance(h, optax.MaskedNode):  # a leaf another transform owns (masked)
+            return h
         cd = _cd(h.dtype)
         b2c = state.b2.astype(cd)
         return (b2c * h.astype(cd) + (jnp.asarray(1, cd) - b2c) * hh.astype(cd)).astype(h.dtype)
