@@ -20,6 +20,7 @@ smallest normal number, and every operation is rounded on its own (no
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
@@ -273,15 +274,23 @@ def _fused_body(
     return (r < 1).sum()
 
 
-_FUSED_KERNEL: Any = None
+_FUSED_KERNELS: dict[torch.dtype, Any] = {}
 
 
-def _fused_kernel() -> Any:
-    """The compiled per-tensor kernel, built on first use and cached for the process."""
-    global _FUSED_KERNEL
-    if _FUSED_KERNEL is None:
-        _FUSED_KERNEL = torch.compile(_fused_body, dynamic=True, fullgraph=True)
-    return _FUSED_KERNEL
+def _fused_kernel(dtype: torch.dtype) -> Any:
+    """The compiled kernel for parameters of ``dtype``, built on first use and cached.
+
+    Each dtype gets its own copy of the code object, so that dynamo's
+    per-function recompile limit counts each dtype on its own and one dtype
+    never evicts another's compiled graph.
+    """
+    kernel = _FUSED_KERNELS.get(dtype)
+    if kernel is None:
+        name = f"_fused_body_{str(dtype).replace('torch.', '')}"
+        code = _fused_body.__code__.replace(co_name=name)
+        fn = types.FunctionType(code, _fused_body.__globals__, name)
+        kernel = _FUSED_KERNELS[dtype] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return kernel
 
 
 #: Device types the compiled kernel supports (torch.compile's inductor backends).
@@ -309,14 +318,15 @@ def _fused_sophia_g(
     del capturable
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
-    kernel = _fused_kernel()
+    # inside an outer torch.compile (e.g. of SophiaG.step) the body is traced and fused there
+    compiling = torch.compiler.is_compiling()
     out_device = params[0].device
     n_win = torch.zeros((), dtype=torch.int64, device=out_device)
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, hessians, state_steps]  # type: ignore[list-item]
     )
     for (device, dtype), ((d_params, d_grads, d_ms, d_hs, d_steps), _) in grouped.items():
-        if device.type not in FUSED_DEVICES:
+        if not compiling and device.type not in FUSED_DEVICES:
             raise RuntimeError(
                 f"SophiaG fused=True supports devices {FUSED_DEVICES}, not {device.type!r}"
             )
@@ -334,16 +344,21 @@ def _fused_sophia_g(
             as_tensors=True,
         )
         sign = torch.full((), -1.0 if maximize else 1.0, dtype=cd, device=device)
+        kernel = _fused_body if compiling else _fused_kernel(dtype)
         for p, g, m, h in zip(d_params, d_grads, d_ms, d_hs):
             if has_complex:
                 p, g, m, h = _real(p, g, m, h)
-            if p.numel() <= 1:
+            if p.numel() <= 1 and not compiling:
                 # torch.compile specialises sizes 0 and 1; those tensors take the eager body
                 n_win = n_win + _fused_body(p, g, m, h, *coeffs, sign).to(out_device)
                 continue
             if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and h.is_contiguous():
                 p, g, m, h = (x.view(-1) for x in (p, g, m, h))
-            n_win = n_win + kernel(p, g, m, h, *coeffs, sign).to(out_device)
+            if compiling:
+                n_win = n_win + kernel(p, g, m, h, *coeffs, sign).to(out_device)
+            else:
+                with torch.no_grad():  # one compiled graph whatever the caller's grad mode
+                    n_win = n_win + kernel(p, g, m, h, *coeffs, sign).to(out_device)
     return n_win
 
 

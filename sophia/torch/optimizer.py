@@ -283,7 +283,6 @@ class SophiaG(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: Callable[[], Any] | None = None, bs: float | Tensor | None = None
     ) -> Any:
@@ -304,7 +303,11 @@ class SophiaG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.no_grad():
+            self._step(bs)
+        return loss
 
+    def _step(self, bs: float | Tensor | None) -> None:
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -339,7 +342,6 @@ class SophiaG(Optimizer):
             # a true division by a device tensor: a CPU scalar divisor may become a reciprocal
             gs["win_rate"].copy_(n_win.to(device=total.device, dtype=sd) / total)
             gs["step"].add_(1)
-        return loss
 
     # ------------------------------------------------------------------ Hessian
 
