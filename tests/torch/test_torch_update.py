@@ -200,7 +200,9 @@ def test_complex_params_update_as_real_pairs(path):
     o_cplx.step()
     for pr, pc in zip(p_real, params):
         assert torch.equal(torch.view_as_real(pc), pr)
-        assert torch.equal(torch.view_as_real(o_cplx.state[pc]["exp_avg"]), o_real.state[pr]["exp_avg"])
+        assert torch.equal(
+            torch.view_as_real(o_cplx.state[pc]["exp_avg"]), o_real.state[pr]["exp_avg"]
+        )
     assert torch.equal(o_cplx.diagnostics()[0]["win_rate"], o_real.diagnostics()[0]["win_rate"])
 
 
