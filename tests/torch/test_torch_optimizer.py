@@ -122,7 +122,7 @@ def test_sparse_gradients_raise_naming_the_parameter(path):
         opt2.step()
 
 
-# ----------------------------------------------------------------------------- groups, closure, schedulers
+# --------------------------------------------------------------- groups, closure, schedulers
 
 
 @path_param
