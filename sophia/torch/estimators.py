@@ -76,7 +76,8 @@ def sampled_label_grads(
     flat = logits.reshape(-1, vocab)
     if flat.shape[0] == 0:
         return [torch.zeros_like(p) for p in params]
-    loss = F.cross_entropy(flat.float(), y.reshape(-1).to(logits.device), reduction="mean")
+    flat = flat.to(compute_dtype(flat.dtype))  # float32 for bf16/f16 logits, as in JAX
+    loss = F.cross_entropy(flat, y.reshape(-1).to(logits.device), reduction="mean")
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
     out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     if average_across_ranks is None:
