@@ -172,12 +172,20 @@ def test_maximize_equals_descent_on_the_negated_gradient(path):
 def test_tensor_lr_rho_and_betas_match_float_hyperparameters(path, capturable):
     leaves = random_state(5, [(6, 5), (3,)], np.float32, h_scale=0.1)
     o1, p1 = make_optimizer_with_state(leaves, **HP, **PATHS[path])
-    hp = dict(HP, lr=torch.tensor(HP["lr"]), rho=torch.tensor(HP["rho"], dtype=torch.float64))
+    hp = dict(
+        HP,
+        lr=torch.tensor(HP["lr"]),
+        rho=torch.tensor(HP["rho"], dtype=torch.float64),
+        betas=(torch.tensor(HP["betas"][0]), torch.tensor(HP["betas"][1], dtype=torch.float64)),
+        bs=torch.tensor(float(HP["bs"])),
+    )
     o2, p2 = make_optimizer_with_state(leaves, capturable=capturable, **hp, **PATHS[path])
     for _ in range(3):
-        o1.step()
-        o2.step()
+        for o in (o1, o2):
+            o.update_hessian(hessian=[torch.full(x[0].shape, 0.25) for x in leaves])
+            o.step()
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert all(torch.equal(o1.state[a]["hessian"], o2.state[b]["hessian"]) for a, b in zip(p1, p2))
 
 
 @path_param
