@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,19 +22,19 @@ _D = spec.DEFAULTS
 _ESTIMATORS: dict[str, Estimator] = {"gnb": gnb, "hutchinson": hutchinson}
 
 
-def _estimator(estimator: Estimator | str) -> Estimator:
+def _estimator(estimator: Estimator | str, axis_name: str | None = None) -> Estimator:
     if isinstance(estimator, str):
         if estimator not in _ESTIMATORS:
             raise ValueError(
                 f"Invalid estimator: {estimator!r} (allowed: {', '.join(map(repr, _ESTIMATORS))}"
                 " or a callable estimator(params, key, **extra_args) -> h_hat)"
             )
-        return _ESTIMATORS[estimator]
-    if not callable(estimator):
+        estimator = _ESTIMATORS[estimator]
+    elif not callable(estimator):
         raise ValueError(
             f"Invalid estimator: {estimator!r} (allowed: 'gnb', 'hutchinson' or a callable)"
         )
-    return estimator
+    return estimator if axis_name is None else functools.partial(estimator, axis_name=axis_name)
 
 
 def sophia_g(
@@ -52,6 +53,7 @@ def sophia_g(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any | None = None,
     seed: int | jax.Array = 0,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SophiaG with the Gauss-Newton-Bartlett Hessian estimator.
 
@@ -94,6 +96,10 @@ def sophia_g(
         returning one) selecting the leaves that decay.
       mu_dtype: dtype of the momentum (default: the parameters').
       seed: seed or PRNG key of the label sampling.
+      axis_name: inside ``shard_map``/``pmap`` with the batch split along this
+        mapped axis, the estimator averages over it so that every replica holds
+        the global estimate (average the gradients over the same axis yourself,
+        as usual). Leave ``None`` under plain ``jit`` with sharded arrays.
 
     Returns:
       The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
@@ -121,7 +127,9 @@ def sophia_g(
             bs=bs,
             eps=eps,
             hessian_update_interval=hessian_update_interval,
-            estimator=_estimator(estimator) if hessian_update_interval is not None else None,
+            estimator=_estimator(estimator, axis_name)
+            if hessian_update_interval is not None
+            else None,
             maximize=maximize,
             dynamic=dynamic,
             mu_dtype=mu_dtype,
@@ -147,6 +155,7 @@ def sophia_h(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any | None = None,
     seed: int | jax.Array = 0,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia-H: :func:`sophia_g`'s update with the Hutchinson estimator.
 
@@ -172,6 +181,7 @@ def sophia_h(
       weight_decay_mask: which leaves decay.
       mu_dtype: dtype of the momentum.
       seed: seed or PRNG key of the Rademacher probes.
+      axis_name: mapped axis the batch is split along (see :func:`sophia_g`).
 
     Returns:
       The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
@@ -191,4 +201,5 @@ def sophia_h(
         weight_decay_mask=weight_decay_mask,
         mu_dtype=mu_dtype,
         seed=seed,
+        axis_name=axis_name,
     )

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sophia import spec
+
 __all__ = ["gnb", "gnb_from_vjp", "hutchinson", "sample_labels"]
 
 _GNB_INPUTS = (
@@ -38,6 +40,32 @@ def sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jax.lax.stop_gradient(logits), axis=-1)
 
 
+def _square(g: jax.Array) -> jax.Array:
+    """``g * g`` in the spec's compute dtype: float16 squares underflow below ~2.4e-4."""
+    return jnp.square(g.astype(spec.compute_dtype(g.dtype)))
+
+
+def _axis_mean(tree: optax.Params, axis_name: str) -> optax.Params:
+    """Mean over a mapped axis of per-device gradients (or HVPs) of per-device losses.
+
+    Under ``shard_map`` with replication checking, differentiating with respect to
+    replicated parameters already *sums* the cotangents over the axis (the result
+    no longer varies along it): divide by the axis size. Where the values still
+    vary (``pmap``, ``check_vma=False``), take ``pmean``.
+    """
+
+    def mean(x: jax.Array) -> jax.Array:
+        aval = jax.typeof(x)
+        vma = getattr(aval, "vma", None)  # the axes a value varies along; renamed across
+        if vma is None:  # JAX versions, so look in both places
+            vma = getattr(getattr(aval, "mat", None), "varying", None)
+        if vma is not None and axis_name not in vma:
+            return x / jax.lax.axis_size(axis_name)
+        return jax.lax.pmean(x, axis_name)
+
+    return jax.tree.map(mean, tree)
+
+
 def _residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``d mean_i CE(logits_i, labels_i) / d logits``, i.e. ``(softmax - onehot) / N``."""
     n = max(logits.size // logits.shape[-1], 1)
@@ -51,6 +79,7 @@ def gnb_from_vjp(
     logits_vjp: Callable[[jax.Array], tuple[optax.Params]],
     key: jax.Array,
     labels: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> optax.Params:
     r"""GNB estimate from an existing forward pass: one backward, no forward.
 
@@ -64,13 +93,23 @@ def gnb_from_vjp(
       logits_vjp: the VJP function returned by :func:`jax.vjp` with the logits.
       key: PRNG key for the label sampling.
       labels: labels to use instead of sampling (tests, cross-framework runs).
+      axis_name: under ``shard_map``/``pmap`` with the batch split along this
+        axis, the sampled-label gradient is averaged over it *before* squaring,
+        so every device gets the estimate of the global batch (``bs`` is then
+        the global label count). Not needed under plain ``jit`` with sharded
+        arrays, where the mean is already global.
 
     Returns:
       ``h_hat``, with the structure of the parameters.
     """
+    # Per-device samples differ; fold the device index into the key under an axis.
+    if axis_name is not None and labels is None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     y = sample_labels(key, logits) if labels is None else labels
     (g_hat,) = logits_vjp(_residual(jax.lax.stop_gradient(logits), y))
-    return jax.tree.map(jnp.square, g_hat)
+    if axis_name is not None:
+        g_hat = _axis_mean(g_hat, axis_name)
+    return jax.tree.map(_square, g_hat)
 
 
 def gnb(
@@ -81,6 +120,7 @@ def gnb(
     logits: jax.Array | None = None,
     logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None = None,
     labels: jax.Array | None = None,
+    axis_name: str | None = None,
     **_: Any,
 ) -> optax.Params:
     r"""Gauss-Newton-Bartlett estimate of the diagonal Hessian (Sophia-G).
@@ -102,6 +142,8 @@ def gnb(
       logits_vjp: the VJP of ``logits_fn`` at ``params`` (``jax.vjp``); with it
         a refresh costs one extra backward and no forward.
       labels: fixed labels instead of sampled ones.
+      axis_name: mapped axis the batch is split along (``shard_map``/``pmap``);
+        see :func:`gnb_from_vjp`.
       **_: other keyword arguments of ``update``, ignored.
 
     Returns:
@@ -110,11 +152,11 @@ def gnb(
     if logits_vjp is not None:
         if logits is None:
             raise ValueError("gnb: logits_vjp=... needs the matching logits=...; " + _GNB_INPUTS)
-        return gnb_from_vjp(logits, logits_vjp, key, labels)
+        return gnb_from_vjp(logits, logits_vjp, key, labels, axis_name)
     if logits_fn is None:
         raise ValueError(_GNB_INPUTS)
     out, vjp = jax.vjp(logits_fn, params)
-    return gnb_from_vjp(out, vjp, key, labels)
+    return gnb_from_vjp(out, vjp, key, labels, axis_name)
 
 
 def _rademacher_like(key: jax.Array, tree: optax.Params) -> optax.Params:
@@ -129,6 +171,7 @@ def hutchinson(
     key: jax.Array,
     *,
     obj_fn: Callable[[optax.Params], jax.Array] | None = None,
+    axis_name: str | None = None,
     **_: Any,
 ) -> optax.Params:
     r"""Hutchinson estimate of the diagonal Hessian (Sophia-H).
@@ -142,6 +185,9 @@ def hutchinson(
       key: PRNG key for the probe.
       obj_fn: ``obj_fn(params) -> scalar loss`` on the current batch, as in
         ``optax.contrib.sophia``.
+      axis_name: mapped axis the batch is split along (``shard_map``/``pmap``):
+        the Hessian-vector products are averaged over it, with the same probe on
+        every device, giving the estimate for the global mean loss.
       **_: other keyword arguments of ``update``, ignored.
 
     Returns:
@@ -154,4 +200,6 @@ def hutchinson(
         )
     v = _rademacher_like(key, params)
     _, hv = jax.jvp(jax.grad(obj_fn), (params,), (v,))
+    if axis_name is not None:
+        hv = _axis_mean(hv, axis_name)
     return jax.tree.map(lambda a, b: a * b, v, hv)
