@@ -1,0 +1,318 @@
+"""PyTorch side of :mod:`sophia.interop`: ``SophiaG`` state dicts to and from a Checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sophia.interop.checkpoint import (
+    Checkpoint,
+    GroupState,
+    hyperparam_mismatches,
+    mismatch_error,
+)
+
+__all__ = ["from_torch", "to_torch", "torch_param_names", "torch_state_dict"]
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+_TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+Names = Sequence[str] | torch.nn.Module | None
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, str]:
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        _fail(f"sophia.interop: {what} has dtype {t.dtype} (allowed: {sorted(_TORCH_DTYPES)})")
+    t = t.detach().cpu().contiguous()
+    if name == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16).copy(), name
+    return t.numpy().copy(), name
+
+
+def _to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(x, copy=True))
+
+
+def torch_param_names(optimizer: torch.optim.Optimizer, names: Names = None) -> list[str]:
+    """Names of ``optimizer``'s parameters, group after group (state-dict index order).
+
+    Args:
+      optimizer: the optimizer.
+      names: a module (parameters are named by ``named_parameters()``, matched by
+        identity), a list of names in state-dict order, or ``None`` to use the
+        ``param_names`` torch keeps when the optimizer was built from named
+        parameters.
+
+    Returns:
+      One name per parameter.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if isinstance(names, torch.nn.Module):
+        by_id = {id(p): n for n, p in names.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+        if missing:
+            _fail(
+                f"sophia.interop: parameters {missing} of the optimizer are not parameters of "
+                "the given module"
+            )
+        return [by_id[id(p)] for p in params]
+    return _names_from_groups(optimizer.state_dict()["param_groups"], names)
+
+
+def _names_from_groups(groups: Sequence[Mapping[str, Any]], names: Any) -> list[str]:
+    n_params = sum(len(g["params"]) for g in groups)
+    if names is None:
+        if not all("param_names" in g for g in groups):
+            _fail(
+                "sophia.interop: parameter names are needed: pass names=model (with the "
+                "optimizer) or a list of names in state-dict order, or build the optimizer "
+                "from model.named_parameters()"
+            )
+        names = [n for g in groups for n in g["param_names"]]
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        _fail(f"sophia.interop: names must be a list of strings, got {type(names).__name__}")
+    names = list(names)
+    if len(names) != n_params:
+        _fail(f"sophia.interop: got {len(names)} names for {n_params} parameters")
+    if len(set(names)) != len(names):
+        _fail("sophia.interop: parameter names must be unique")
+    return names
+
+
+def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
+    def num(x: Any) -> float:
+        return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+    b1, b2 = group["betas"]
+    return {
+        "lr": num(group["lr"]),
+        "b1": num(b1),
+        "b2": num(b2),
+        "rho": num(group["rho"]),
+        "weight_decay": num(group["weight_decay"]),
+        "eps": num(group["eps"]),
+        "bs": num(group["bs"]),
+        "maximize": bool(group["maximize"]),
+        "dynamic": bool(group["dynamic"]),
+    }
+
+
+def from_torch(
+    optimizer: torch.optim.Optimizer | Mapping[str, Any], names: Names = None
+) -> Checkpoint:
+    """A :class:`Checkpoint` of a ``sophia.torch.SophiaG`` optimizer or of its state dict.
+
+    Per parameter: ``exp_avg`` and ``hessian``; per group: the step counter,
+    the current ``rho``, the last win rate and the hyperparameters. A
+    parameter without state (no step taken, no Hessian refresh) gets zeros,
+    as the optimizer would create them (needs the optimizer, for the shape).
+    torch's per-parameter ``step`` does not enter the update; the group's
+    counter is kept (and given back to every parameter by :func:`to_torch`).
+    A state dict in the paper's reference layout (no ``sophia_state``) is read
+    the way ``SophiaG.load_state_dict`` reads it.
+
+    Args:
+      optimizer: a ``SophiaG`` or a state dict it returned.
+      names: parameter names, see :func:`torch_param_names` (a module needs
+        the optimizer itself).
+
+    Returns:
+      The checkpoint (NumPy copies; the optimizer is not changed).
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        names = torch_param_names(optimizer, names)
+        shapes = [(tuple(p.shape), p.dtype) for g in optimizer.param_groups for p in g["params"]]
+        sd = optimizer.state_dict()
+    else:
+        if isinstance(names, torch.nn.Module):
+            _fail("sophia.interop: names=module needs the optimizer, not its state dict")
+        sd = optimizer
+        if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
+            _fail("sophia.interop: expected an optimizer or a state dict with state/param_groups")
+        names = _names_from_groups(sd["param_groups"], names)
+        shapes = None
+    state = sd["state"]
+    groups = []
+    k = 0
+    for gi, group in enumerate(sd["param_groups"]):
+        where = f"sophia.interop: param group {gi}"
+        missing = [h for h in ("betas", "rho", "bs", "eps", "dynamic") if h not in group]
+        if missing:
+            _fail(f"{where} lacks {missing}: not a sophia.torch.SophiaG state dict")
+        g_names, mu, hess, dtypes = [], {}, {}, {}
+        per_param_steps = []
+        wide = False
+        for pid in group["params"]:
+            n = names[k]
+            st = state.get(pid, {})
+            for kind, key in (("mu", "exp_avg"), ("hessian", "hessian")):
+                t = st.get(key)
+                if t is None:
+                    if shapes is None:
+                        _fail(
+                            f"{where}: parameter {n!r} has no {key!r}; pass the optimizer "
+                            "(not its state dict) so its shape is known"
+                        )
+                    t = torch.zeros(shapes[k][0], dtype=shapes[k][1])
+                arr, dt = _to_numpy(t, f"{key} of {n!r}")
+                (mu if kind == "mu" else hess)[n] = arr
+                dtypes[f"{kind}/{n}"] = dt
+            wide |= dtypes[f"hessian/{n}"] == "float64"
+            if "step" in st:
+                per_param_steps.append(float(st["step"]))
+            g_names.append(n)
+            k += 1
+        sdt = np.float64 if wide else np.float32
+        gs = group.get("sophia_state")
+        if gs is not None:
+            step = float(gs["step"])
+            rho = np.asarray(gs["rho"].detach().cpu().numpy(), sdt).reshape(())
+            win = np.asarray(gs["win_rate"].detach().cpu().numpy(), sdt).reshape(())
+        else:  # the paper's layout: as SophiaG.__setstate__ rebuilds it
+            step = max(per_param_steps, default=0.0)
+            rho = np.asarray(float(group["rho"]), sdt).reshape(())
+            win = np.asarray(math.nan if step else 0.0, sdt)
+        if step != int(step):
+            _fail(f"{where}: step {step} is not an integer")
+        groups.append(
+            GroupState(
+                names=g_names,
+                step=int(step),
+                rho=rho,
+                win_rate=win,
+                mu=mu,
+                hessian=hess,
+                dtypes=dtypes,
+                hyperparams=_hyperparams(group),
+            )
+        )
+    ckpt = Checkpoint(groups)
+    ckpt.validate()
+    return ckpt
+
+
+def torch_state_dict(
+    checkpoint: Checkpoint,
+    optimizer: torch.optim.Optimizer,
+    names: Names = None,
+    *,
+    check_hyperparams: bool = True,
+) -> dict[str, Any]:
+    """The state dict that makes ``optimizer`` continue from ``checkpoint``.
+
+    Groups are matched by their sets of parameter names; every shape and dtype
+    is checked against the optimizer's parameters before anything is built.
+    The optimizer's hyperparameters stay in force (they are in the returned
+    dict); with ``check_hyperparams`` they must equal the recorded ones.
+
+    Args:
+      checkpoint: the state to load.
+      optimizer: a ``sophia.torch.SophiaG`` over the matching parameters.
+      names: parameter names, see :func:`torch_param_names`.
+      check_hyperparams: raise if a recorded hyperparameter differs.
+
+    Returns:
+      A state dict for ``optimizer.load_state_dict``.
+    """
+    checkpoint.validate()
+    names = torch_param_names(optimizer, names)
+    template = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    by_name = dict(zip(names, params))
+    ids = [pid for g in template["param_groups"] for pid in g["params"]]
+    id_of = dict(zip(names, ids))
+    if set(checkpoint.names) != set(names):
+        only_ck = sorted(set(checkpoint.names) - set(names))
+        only_opt = sorted(set(names) - set(checkpoint.names))
+        _fail(
+            "sophia.interop: the checkpoint's parameters do not match the optimizer's "
+            f"(only in the checkpoint: {only_ck}; only in the optimizer: {only_opt})"
+        )
+    k = 0
+    new_state: dict[int, dict[str, torch.Tensor]] = {}
+    new_groups = []
+    for gi, (group, tgroup) in enumerate(zip(optimizer.param_groups, template["param_groups"])):
+        g_names = names[k : k + len(group["params"])]
+        k += len(group["params"])
+        matches = [c for c in checkpoint.groups if set(c.names) == set(g_names)]
+        if len(matches) != 1:
+            _fail(
+                f"sophia.interop: param group {gi} of the optimizer ({g_names}) matches no "
+                "group of the checkpoint; groups must hold the same parameters on both sides "
+                "(in JAX: one ScaleBySophiaState per group, e.g. with optax.multi_transform)"
+            )
+        cg = matches[0]
+        if check_hyperparams:
+            diffs = hyperparam_mismatches(cg.hyperparams, _hyperparams(group), cg.scalar_dtype)
+            if diffs:
+                raise mismatch_error(f"sophia.interop: param group {gi}", diffs)
+        for n in g_names:
+            p = by_name[n]
+            for kind in ("mu", "hessian"):
+                x = getattr(cg, kind)[n]
+                dt = cg.dtypes[f"{kind}/{n}"]
+                if tuple(x.shape) != tuple(p.shape):
+                    _fail(
+                        f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
+                        f"{tuple(x.shape)} but the parameter has shape {tuple(p.shape)}"
+                    )
+                if _TORCH_DTYPES[dt] != p.dtype:
+                    _fail(
+                        f"sophia.interop: the checkpoint's {kind} of {n!r} is {dt} but the "
+                        f"parameter is {p.dtype} (torch keeps exp_avg and hessian in the "
+                        "parameter's dtype)"
+                    )
+        sdt = torch.float64 if cg.scalar_dtype == "float64" else torch.float32
+        if any(p.dtype == torch.float64 for p in group["params"]) != (sdt == torch.float64):
+            _fail(f"sophia.interop: param group {gi}: scalar dtype {cg.scalar_dtype} mismatch")
+        for n in g_names:
+            new_state[id_of[n]] = {
+                "step": torch.tensor(float(cg.step), dtype=torch.float32),
+                "exp_avg": _to_torch(cg.mu[n], cg.dtypes[f"mu/{n}"]),
+                "hessian": _to_torch(cg.hessian[n], cg.dtypes[f"hessian/{n}"]),
+            }
+        ng = dict(tgroup)
+        ng["sophia_state"] = {
+            "step": torch.tensor(float(cg.step), dtype=torch.float32),
+            "rho": torch.from_numpy(np.array(cg.rho, copy=True)).to(sdt).reshape(()),
+            "win_rate": torch.from_numpy(np.array(cg.win_rate, copy=True)).to(sdt).reshape(()),
+        }
+        new_groups.append(ng)
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def to_torch(
+    checkpoint: Checkpoint,
+    optimizer: torch.optim.Optimizer,
+    names: Names = None,
+    *,
+    check_hyperparams: bool = True,
+) -> None:
+    """Loads ``checkpoint`` into ``optimizer``, or raises ``ValueError`` and changes nothing.
+
+    Args:
+      checkpoint: the state to load (e.g. from :func:`sophia.interop.load` or
+        :func:`sophia.interop.from_jax`).
+      optimizer: a ``sophia.torch.SophiaG`` over the matching parameters.
+      names: parameter names, see :func:`torch_param_names`.
+      check_hyperparams: raise if a recorded hyperparameter differs from the
+        optimizer's.
+    """
+    sd = torch_state_dict(checkpoint, optimizer, names, check_hyperparams=check_hyperparams)
+    optimizer.load_state_dict(sd)
