@@ -188,7 +188,7 @@ PRESETS: dict[str, RunConfig] = {
         adamw=adamw(lr=3e-3),
     ),
     "default": RunConfig(
-        model=ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=128),
+        model=ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=64),
         steps=400,
         batch_size=16,
         warmup=20,
@@ -580,13 +580,14 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip()
 
 
-def _smooth(values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
-    """Bias-corrected EMA of a loss curve, for plotting."""
-    out, ema = [], 0.0
-    for i, v in enumerate(values):
-        ema = (1 - alpha) * ema + alpha * v
-        out.append(ema / (1 - (1 - alpha) ** (i + 1)))
-    return np.asarray(out)
+def _smooth(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Centred running mean of a per-step loss curve: ``(steps, means)`` for plotting."""
+    v = np.asarray(values, np.float64)
+    w = max(3, len(v) // 40) | 1
+    if len(v) < w:
+        return np.arange(1, len(v) + 1), v
+    means = np.convolve(v, np.ones(w) / w, mode="valid")
+    return np.arange(1, len(means) + 1) + w // 2, means
 
 
 def plot_losses(
@@ -618,8 +619,7 @@ def plot_losses(
         for r in results:
             c, ls = colors[r.optimizer.name], styles.get(r.framework, "-.")
             name = f"{r.optimizer.label} ({r.framework})"
-            steps = np.arange(1, len(r.train_loss) + 1)
-            train_s = _smooth([v if math.isfinite(v) else np.nan for v in r.train_loss])
+            steps, train_s = _smooth([v if math.isfinite(v) else np.nan for v in r.train_loss])
             keep = steps >= start
             ax.plot(
                 steps[keep], train_s[keep], ls, color=c, alpha=0.35, lw=1, label=f"{name} train"
@@ -770,6 +770,7 @@ def run_comparison(
         title = (
             f"GPT {m.n_layer}x{m.n_embd} (ctx {m.block_size}), {cfg.steps} steps of "
             f"{cfg.tokens_per_step} tokens - {Path(corpus.source).name}"
+            + (" standard library" if cfg.text is None else "")
         )
         plot_losses(results, out / "loss.png", title)
         log(f"wrote {out / 'run.json'} and {out / 'loss.png'}")
@@ -824,6 +825,11 @@ def run_sweep(
     for i, opt in enumerate(opts):
         log(f"[{i + 1}/{len(opts)}] {opt.label}: {opt.describe()}")
         r = backend.run(cfg, opt, corpus, progress=progress)
+        log(
+            f"    final val {r.final_val:.4f}, best {min(r.val_loss, default=math.inf):.4f}"
+            f"{' (diverged)' if r.diverged else ''}, {r.timings()['ms_per_step']:.0f} ms/step, "
+            f"{r.wall_s:.0f} s"
+        )
         runs.append(
             {
                 "optimizer": opt.name,

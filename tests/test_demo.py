@@ -1,0 +1,377 @@
+"""The demo's pieces at tiny size: data, model, schedule, driver, a short run of each optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sophia.demo import __main__ as cli
+from sophia.demo import data, model, model_jax, train, train_jax
+
+TINY = train.RunConfig(
+    model=model.ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16),
+    steps=20,
+    batch_size=4,
+    warmup=2,
+    eval_interval=5,
+    eval_batches=2,
+    max_bytes=200_000,
+    sophia=train.sophiag(lr=1e-2, rho=0.03, k=5),
+    adamw=train.adamw(lr=1e-2),
+)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _fake_stdlib(root):
+    for i in range(25):
+        sub = root / ("pkg" if i % 3 == 0 else "")
+        sub.mkdir(exist_ok=True)
+        (sub / f"mod{i:02d}.py").write_bytes(f"# file {i:02d}\n".encode() * 3)
+    for skipped in ("test", "site-packages", "encodings", "pkg/tests"):
+        (root / skipped).mkdir(parents=True, exist_ok=True)
+        (root / skipped / "skipme.py").write_bytes(b"# SKIPPED\n")
+    (root / "notes.txt").write_bytes(b"not python\n")
+
+
+def test_stdlib_files_sorted_and_skipping(tmp_path):
+    _fake_stdlib(tmp_path)
+    files = data.stdlib_files(tmp_path)
+    rel = [f.relative_to(tmp_path).as_posix() for f in files]
+    assert rel == sorted(rel)
+    assert len(rel) == 25
+    assert not any("skipme" in r for r in rel)
+
+
+def test_split_by_file_is_disjoint_and_deterministic(tmp_path):
+    _fake_stdlib(tmp_path)
+    c1 = data.load_stdlib(max_bytes=0, val_every=10, root=tmp_path)
+    c2 = data.load_stdlib(max_bytes=0, val_every=10, root=tmp_path)
+    assert c1.digest == c2.digest
+    np.testing.assert_array_equal(c1.train, c2.train)
+    np.testing.assert_array_equal(c1.val, c2.val)
+    files = data.stdlib_files(tmp_path)
+    train_text, val_text = c1.train.tobytes(), c1.val.tobytes()
+    assert c1.n_files == 25 and c1.n_val_files == 2
+    for i, f in enumerate(files):
+        marker = f.read_bytes()[:10]
+        in_val, in_train = marker in val_text, marker in train_text
+        assert in_val != in_train, f.name
+        assert in_val == (i % 10 == 9), f.name
+    assert b"SKIPPED" not in train_text + val_text
+
+
+def test_stdlib_corpus_cap_and_determinism():
+    c1 = data.load_stdlib(max_bytes=150_000)
+    c2 = data.load_stdlib(max_bytes=150_000)
+    assert c1.digest == c2.digest
+    assert c1.n_val_files >= 1
+    # the cap counts file bytes; the joins add two bytes per file
+    assert len(c1.train) + len(c1.val) <= 150_000 + 2 * c1.n_files
+    assert c1.train.dtype == np.uint8 and c1.vocab_size == 256
+
+
+def test_load_text_splits_by_position(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_bytes(bytes(range(200)) * 5)
+    c = data.load_text(path)
+    assert len(c.train) == 900 and len(c.val) == 100
+    np.testing.assert_array_equal(
+        np.concatenate([c.train, c.val]), np.frombuffer(path.read_bytes(), np.uint8)
+    )
+    corpus = data.load_corpus(str(path), max_bytes=500)
+    assert len(corpus.train) + len(corpus.val) == 500
+
+
+def test_batch_sampler_is_seeded_and_shifted():
+    tokens = np.arange(1000, dtype=np.int64).astype(np.uint8)
+    a = data.BatchSampler(tokens, 4, 8, seed=3)
+    b = data.BatchSampler(tokens, 4, 8, seed=3)
+    c = data.BatchSampler(tokens, 4, 8, seed=4)
+    xa, ya = zip(*(a.next() for _ in range(3)))
+    xb, yb = zip(*(b.next() for _ in range(3)))
+    xc, _ = c.next()
+    for u, v in zip(xa + ya, xb + yb):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(xa[0], xc)
+    assert xa[0].shape == (4, 8) and xa[0].dtype == np.int32
+    np.testing.assert_array_equal(xa[0][:, 1:], ya[0][:, :-1])
+    np.testing.assert_array_equal((xa[0].astype(np.int64) + 1) % 256, ya[0])
+    with pytest.raises(ValueError):
+        data.BatchSampler(tokens[:5], 1, 8, 0)
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_init_is_seeded_and_counts_match():
+    cfg = TINY.model
+    p1, p2, p3 = model.init_numpy(cfg, 0), model.init_numpy(cfg, 0), model.init_numpy(cfg, 1)
+    l1, l2, l3 = (model.named_leaves(p) for p in (p1, p2, p3))
+    assert l1.keys() == l2.keys()
+    assert all(np.array_equal(l1[k], l2[k]) for k in l1)
+    assert not np.array_equal(l1["wte"], l3["wte"])
+    assert sum(v.size for v in l1.values()) == model.n_params(cfg)
+    assert l1["blocks.attn.w_qkv"].shape == (2, 16, 48)
+    assert abs(float(l1["wte"].std()) - 0.02) < 0.005
+    np.testing.assert_array_equal(l1["blocks.ln1.scale"], 1.0)
+    np.testing.assert_array_equal(l1["blocks.mlp.b_fc"], 0.0)
+
+
+def test_decay_rule():
+    mask = model.named_leaves(model_jax.decay_mask(model_jax.init_params(TINY.model, 0)))
+    decayed = sorted(k for k, v in mask.items() if v)
+    assert decayed == [
+        "blocks.attn.w_out",
+        "blocks.attn.w_qkv",
+        "blocks.mlp.w_fc",
+        "blocks.mlp.w_out",
+        "wpe",
+        "wte",
+    ]
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="n_head"):
+        model.ModelConfig(n_head=3, n_embd=16)
+    with pytest.raises(ValueError, match="n_layer"):
+        model.ModelConfig(n_layer=0)
+
+
+def test_forward_backward_shapes_and_causality():
+    cfg = TINY.model
+    params = model_jax.init_params(cfg, 0)
+    forward = jax.jit(model_jax.make_apply(cfg))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, cfg.block_size)), jnp.int32)
+    logits = forward(params, tokens)
+    assert logits.shape == (3, cfg.block_size, 256) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    # changing token t changes no logit before t, and changes the logits at t
+    t = 9
+    other = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
+    logits2 = forward(params, other)
+    np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(logits2[:, :t]))
+    assert float(jnp.max(jnp.abs(logits[:, t:] - logits2[:, t:]))) > 0
+    # a shorter sequence gives the same logits as the prefix of a longer one
+    np.testing.assert_allclose(forward(params, tokens[:, :5]), logits[:, :5], rtol=1e-5, atol=1e-5)
+    targets = jnp.roll(tokens, 1, axis=0)
+    loss, grads = jax.jit(jax.value_and_grad(model_jax.loss_fn), static_argnums=3)(
+        params, tokens, targets, cfg.n_head
+    )
+    assert abs(float(loss) - math.log(256)) < 0.1  # GPT-2 init: near-uniform predictions
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+        assert g.shape == p.shape and bool(jnp.all(jnp.isfinite(g)))
+    assert float(jnp.abs(grads["wte"]).sum()) > 0
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def test_jax_schedule_matches_lr_at():
+    for opt in TINY.optimizers:
+        sched = train_jax.make_schedule(opt, TINY)
+        got = np.asarray(jax.vmap(sched)(jnp.arange(TINY.steps + 3)))
+        want = [train.lr_at(s, opt, TINY) for s in range(TINY.steps + 3)]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    opt = TINY.sophia
+    assert train.lr_at(TINY.warmup - 1, opt, TINY) == pytest.approx(opt.lr)
+    assert train.lr_at(TINY.steps - 1, opt, TINY) == pytest.approx(opt.lr * TINY.min_lr_ratio)
+
+
+def test_refresh_steps():
+    assert [s for s in range(12) if TINY.sophia.refreshes(s)] == [0, 5, 10]
+    assert not any(TINY.adamw.refreshes(s) for s in range(12))
+    assert TINY.eval_steps() == [0, 5, 10, 15, 20]
+    assert dataclasses.replace(TINY, steps=12).eval_steps() == [0, 5, 10, 12]
+
+
+# ---------------------------------------------------------------- the run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    record = train.run_comparison(TINY, ("jax",), out, progress=False, log=lambda s: None)
+    return out, record
+
+
+def test_each_optimizer_lowers_the_loss(tiny_run):
+    _, record = tiny_run
+    results = {r["optimizer"]["name"]: r for r in record["results"]}
+    assert set(results) == {"sophiag", "adamw"}
+    for r in results.values():
+        assert len(r["train_loss"]) == TINY.steps and not r["diverged"]
+        assert np.mean(r["train_loss"][-5:]) < np.mean(r["train_loss"][:5]) - 0.3
+        assert r["val_loss"][-1] < r["val_loss"][0] - 0.3
+        assert r["val_steps"] == TINY.eval_steps()
+    # same init and same validation batches: the two runs start from the same loss
+    assert results["sophiag"]["val_loss"][0] == results["adamw"]["val_loss"][0]
+    assert results["sophiag"]["train_loss"][0] == results["adamw"]["train_loss"][0]
+    assert results["sophiag"]["refresh"][:6] == [True, False, False, False, False, True]
+
+
+def test_run_json_and_png_written(tiny_run):
+    out, record = tiny_run
+    saved = json.loads((out / "run.json").read_text())
+    for key in ("config", "machine", "corpus", "summary", "table", "results", "elapsed_s"):
+        assert key in saved
+    summary = saved["summary"]["jax"]
+    for key in ("adamw_final_val", "steps_to_adamw_final", "steps_ratio", "time_ratio"):
+        assert key in summary
+    for name in ("sophiag", "adamw"):
+        for key in ("final_val", "ms_per_step", "tokens_per_s", "opt_state_bytes"):
+            assert key in summary[name]
+    assert {"plain_ms", "refresh_ms", "refresh_overhead"} <= summary["sophiag"].keys()
+    assert summary["sophiag"]["opt_state_bytes"] >= 2 * 4 * record["n_params"]
+    assert saved["machine"]["jax"]["backend"] == jax.default_backend()
+    assert saved["config"]["model"]["n_embd"] == 16
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final val loss" in record["table"]
+
+
+# ---------------------------------------------------------------- driver logic without a framework
+
+
+def _result(name, val_loss, step_ms=None, refresh=None, steps=40):
+    opt = train.sophiag() if name == "sophiag" else train.adamw()
+    n = steps
+    return train.RunResult(
+        framework="fake",
+        optimizer=opt,
+        train_loss=[1.0] * n,
+        val_steps=[0, 10, 20, 30, 40][: len(val_loss)],
+        val_loss=val_loss,
+        step_ms=step_ms or [100.0] * n,
+        refresh=refresh or [name == "sophiag" and s % 10 == 0 for s in range(n)],
+        n_params=10,
+        tokens_per_step=100,
+        opt_state_bytes=80,
+        wall_s=1.0,
+    )
+
+
+def test_summary_steps_to_reach_and_overhead():
+    ms = [1000.0, 500.0] + [100.0 if s % 10 else 150.0 for s in range(2, 40)]
+    s = _result("sophiag", [5.0, 3.0, 2.4, 2.0, 1.9], step_ms=ms)
+    a = _result("adamw", [5.0, 3.5, 2.8, 2.5, 2.4])
+    row = train.summarize([s, a])["fake"]
+    assert row["steps_to_adamw_final"] == 20 and row["steps_ratio"] == 0.5
+    assert row["sophiag"]["refresh_ms"] == 150.0 and row["sophiag"]["plain_ms"] == 100.0
+    assert row["sophiag"]["refresh_overhead"] == 1.5
+    table = train.format_table(train.summarize([s, a]))
+    assert "20 (0.50x)" in table and "1.50x" in table
+    slow = _result("sophiag", [5.0, 3.6, 2.9, 2.6, 2.5])
+    row = train.summarize([slow, a])["fake"]
+    assert row["steps_to_adamw_final"] is None and row["steps_ratio"] is None
+    assert "not reached" in train.format_table(train.summarize([slow, a]))
+
+
+def test_diverged_run_is_reported():
+    r = _result("sophiag", [5.0, 3.0])
+    r.diverged = True
+    assert r.final_val == math.inf
+    assert r.to_dict()["final_val"] is None
+
+
+class _FakeTrainer:
+    """Loss falls faster with a larger lr, diverges above 0.05: exercises the sweep."""
+
+    n_params = 10
+
+    def __init__(self, cfg, opt):
+        self.opt, self.loss = opt, 5.0
+
+    def step(self, x, y):
+        self.loss = math.nan if self.opt.lr > 0.05 else self.loss * (1 - self.opt.lr - self.opt.rho)
+        return self.loss
+
+    def evaluate(self, batches):
+        return self.loss
+
+    def opt_state_bytes(self):
+        return 80
+
+
+class _FakeBackend:
+    __name__ = "fake"
+
+    @staticmethod
+    def device_info():
+        return {"framework": "fake", "device": "none"}
+
+    @staticmethod
+    def run(cfg, opt, corpus, *, progress=True):
+        return train.train(
+            _FakeTrainer(cfg, opt), cfg, opt, corpus, framework="fake", progress=progress
+        )
+
+
+def test_sweep_picks_the_best_and_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_backend", lambda fw: _FakeBackend)
+    record = train.run_sweep(
+        TINY,
+        "fake",
+        tmp_path,
+        sophia_lrs=(0.01, 0.02, 0.1),
+        rhos=(0.0, 0.01),
+        adamw_lrs=(0.01, 0.03),
+        progress=False,
+        log=lambda s: None,
+    )
+    assert len(record["runs"]) == 8
+    assert record["best"]["sophiag"]["lr"] == 0.02 and record["best"]["sophiag"]["rho"] == 0.01
+    assert record["best"]["adamw"]["lr"] == 0.03
+    assert "diverged" in record["table"]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["best"]["adamw"]["lr"] == 0.03
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_flags_override_the_preset():
+    args = cli.parser().parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "7",
+            "--n-embd",
+            "48",
+            "--rho",
+            "0.05",
+            "--adamw-lr",
+            "1e-3",
+        ]
+    )
+    cfg = cli.build_config(args)
+    tiny = train.PRESETS["tiny"]
+    assert cfg.steps == 7 and cfg.model.n_embd == 48 and cfg.model.n_layer == tiny.model.n_layer
+    assert cfg.sophia.rho == 0.05 and cfg.sophia.lr == tiny.sophia.lr and cfg.adamw.lr == 1e-3
+    assert cfg.tokens_per_step == tiny.batch_size * tiny.model.block_size
+    default = cli.build_config(cli.parser().parse_args([]))
+    assert default == train.PRESETS["default"]
+    with pytest.raises(SystemExit):
+        cli.main(["--steps", "0"])
+
+
+def test_cli_reports_a_missing_torch_backend(monkeypatch, capsys):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "sophia.demo.train_torch" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for fw in ("torch", "both"):
+        assert cli.main(["--framework", fw, "--preset", "tiny", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "not available yet" in err and "--framework jax" in err
