@@ -1,0 +1,44 @@
+"""Run as a script under XLA_FLAGS=--xla_cpu_max_isa=AVX: jitted JAX long runs vs the reference.
+
+Prints one JSON line per case: the largest ulp difference over every step and
+whether the rho sequences and win rates are equal. test_cross_trajectory.py
+starts it (the flag must be set before JAX initialises its CPU backend).
+"""
+
+import json
+import sys
+
+from crossref import JaxDriver, Reference, tree_ulp
+from problems import case
+
+
+def trace(driver, prob, steps, k):
+    from crossref import run
+
+    snaps, rates = [], []
+
+    def record(t, d):
+        snaps.append((d.params(), d.mu(), d.hessian()))
+        rates.append(tuple(d.win_rates()))
+
+    rhos = run(driver, prob.params0, prob.grad, prob.hhat, steps, k, record)
+    return snaps, rates, rhos
+
+
+def main(names):
+    for name in names:
+        prob, groups, steps, k = case(name)
+        ref = trace(Reference(prob.params0, groups), prob, steps, k)
+        for jit_refresh in (False, True):
+            d = JaxDriver(prob.params0, groups, jit=True, jit_refresh=jit_refresh)
+            got = trace(d, prob, steps, k)
+            ulps = [max(tree_ulp(a, b) for a, b in zip(s, r)) for s, r in zip(got[0], ref[0])]
+            first = next((t for t, u in enumerate(ulps) if u), None)
+            out = dict(case=name, driver=d.name, steps=steps, max_ulp=max(ulps),
+                       first_diff=first, rho_equal=got[2] == ref[2],
+                       rates_equal=got[1] == ref[1])  # fmt: skip
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,405 @@
+"""Shared helpers of the cross-framework tests: one driver per implementation, ulp metrics.
+
+Every driver takes the same per-group hyperparameters and is fed the same
+gradients and Hessian estimates (NumPy arrays in the parameters' storage
+dtype), so any difference between them is the optimizer's.
+"""
+
+import ml_dtypes
+import numpy as np
+
+from sophia import spec
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+HP_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def ulp_diff(a, b):
+    """Largest distance in units in the last place between two same-dtype arrays."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.size == 0:
+        return 0
+    ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    bits = 8 * a.dtype.itemsize
+
+    def ordered(x):  # IEEE bit patterns mapped to a monotonic integer line
+        i = x.view(ints).astype(object)
+        return np.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+
+    return int(np.max(np.abs(ordered(a) - ordered(b))))
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b| (0 when both are 0): the difference relative to the array's scale."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    scale = np.max(np.abs(b))
+    d = np.max(np.abs(a - b))
+    return float(d / scale) if scale > 0 else float(d)
+
+
+def tree_ulp(x, y):
+    return max((ulp_diff(x[k], y[k]) for k in x), default=0)
+
+
+def tree_rel(x, y):
+    return max((rel_diff(x[k], y[k]) for k in x), default=0.0)
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def to_torch(x):
+    import torch
+
+    x = np.asarray(x)
+    if x.dtype == BF16:
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def from_torch(t):
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16).copy()
+    return t.numpy().copy()
+
+
+def group(names, **hp):
+    out = dict(
+        names=list(names), lr=0.01, b1=0.9, b2=0.99, rho=0.05, weight_decay=0.0, eps=1e-12,
+        bs=1.0, maximize=False, dynamic=False,
+    )  # fmt: skip
+    out.update(hp)
+    return out
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+class Reference:
+    """The spec's NumPy reference, group by group."""
+
+    name = "numpy"
+
+    def __init__(self, params, groups):
+        self.p = {k: np.array(v) for k, v in params.items()}
+        self.groups = groups
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.h = {k: np.zeros_like(v) for k, v in params.items()}
+        self.rho = [spec.compute_dtype(self._dt(g)).type(g["rho"]) for g in groups]
+        self.wr = [spec.compute_dtype(self._dt(g)).type(0) for g in groups]
+        self.count = 0
+
+    def _dt(self, g):
+        return np.float64 if any(self.p[n].dtype == np.float64 for n in g["names"]) else np.float32
+
+    def refresh(self, h_hat):
+        for gi, g in enumerate(self.groups):
+            for n in g["names"]:
+                self.h[n] = spec.hessian_ema(self.h[n], h_hat[n], g["b2"])
+            if g["dynamic"] and self.count > 0:
+                n_total = sum(self.p[n].size for n in g["names"])
+                self.rho[gi] = spec.dynamic_rho(
+                    self.rho[gi], self.wr[gi], g["rho"], self._dt(g), n_total
+                )
+
+    def step(self, grads):
+        for gi, g in enumerate(self.groups):
+            n_win = 0
+            for n in g["names"]:
+                kw = {k: g[k] for k in ("lr", "b1", "bs", "weight_decay", "eps", "maximize")}
+                self.p[n], self.m[n], w = spec.sophia_update(
+                    self.p[n], grads[n], self.m[n], self.h[n], rho=self.rho[gi], **kw
+                )
+                n_win += w
+            n_total = sum(self.p[n].size for n in g["names"])
+            self.wr[gi] = spec.win_rate(n_win, n_total, self._dt(g))
+        self.count += 1
+
+    def params(self):
+        return dict(self.p)
+
+    def mu(self):
+        return dict(self.m)
+
+    def hessian(self):
+        return dict(self.h)
+
+    def rhos(self):
+        return [float(r) for r in self.rho]
+
+    def win_rates(self):
+        return [float(w) for w in self.wr]
+
+
+class JaxDriver:
+    """sophia.jax.sophia_g (one group) or optax.multi_transform of one per group.
+
+    ``jit``: jit the step (and, unless ``jit_refresh=False``, the refresh).
+    ``builtin``: instead of update_hessian, the transform's own refresh every ``builtin`` steps with an estimator that
+    returns the estimate passed to ``update``. ``wd_mask``: one sophia_g with this
+    weight_decay_mask instead of groups (the groups' other hyperparameters must agree).
+    """
+
+    def __init__(self, params, groups, jit=False, builtin=None, wd_mask=None, jit_refresh=None):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        import sophia.jax as sj
+
+        self.jax, self.jnp, self.optax, self.sj = jax, jnp, optax, sj
+        jit_refresh = jit if jit_refresh is None else jit_refresh
+        self.name = ("jax-jit" if jit_refresh else "jax-jit-step") if jit else "jax"
+        self.builtin = builtin
+        self.names = list(params)
+        self.p = {k: jnp.asarray(v) for k, v in params.items()}
+
+        def make(g, wd=None, mask=None):
+            kw = {}
+            if builtin is not None:
+                kw = dict(hessian_update_interval=builtin, estimator=_fed_estimator)
+            else:
+                kw = dict(hessian_update_interval=None)
+            return sj.sophia_g(
+                g["lr"], g["b1"], g["b2"], g["rho"], g["weight_decay"] if wd is None else wd,
+                bs=g["bs"], eps=g["eps"], maximize=g["maximize"], dynamic=g["dynamic"],
+                weight_decay_mask=mask, **kw,
+            )  # fmt: skip
+
+        if wd_mask is not None:
+            g0 = groups[0]
+            self.tx = make(g0, wd=wd_mask[0], mask=wd_mask[1])
+        elif len(groups) == 1:
+            self.tx = make(groups[0])
+        else:
+            labels = {n: f"g{gi}" for gi, g in enumerate(groups) for n in g["names"]}
+            self.tx = optax.multi_transform(
+                {f"g{gi}": make(g) for gi, g in enumerate(groups)}, labels
+            )
+        self.state = self.tx.init(self.p)
+
+        def step(p, s, g, h_hat=None):
+            extra = {} if h_hat is None else {"h_hat": h_hat}
+            u, s = self.tx.update(g, s, p, **extra)
+            return optax.apply_updates(p, u), s
+
+        self._step = jax.jit(step) if jit else step
+        self._refresh = jax.jit(sj.update_hessian) if jit_refresh else sj.update_hessian
+        self._pending = None
+
+    def refresh(self, h_hat):
+        h = {k: self.jnp.asarray(v) for k, v in h_hat.items()}
+        if self.builtin is not None:
+            self._pending = h  # handed to the transform's own refresh in the next update
+        else:
+            self.state = self._refresh(self.state, h)
+
+    def step(self, grads):
+        g = {k: self.jnp.asarray(v) for k, v in grads.items()}
+        if self.builtin is not None:
+            h = self._pending
+            if h is None:  # not a refresh step: the estimator's result is not used
+                h = {k: self.jnp.zeros(v.shape, spec.compute_dtype(v.dtype)) for k, v in g.items()}
+            self._pending = None
+            self.p, self.state = self._step(self.p, self.state, g, h)
+        else:
+            self.p, self.state = self._step(self.p, self.state, g)
+
+    def sophia_states(self):
+        return jax_sophia_states(self.state)
+
+    def _tree(self, field):
+        out = {}
+        for s in self.sophia_states():
+            for k, v in getattr(s, field).items():
+                if not isinstance(v, self.optax.MaskedNode):
+                    out[k] = np.asarray(v)
+        return out
+
+    def params(self):
+        return {k: np.asarray(v) for k, v in self.p.items()}
+
+    def mu(self):
+        return self._tree("mu")
+
+    def hessian(self):
+        return self._tree("hessian")
+
+    def rhos(self):
+        return [float(s.rho) for s in self.sophia_states()]
+
+    def win_rates(self):
+        return [float(s.win_rate) for s in self.sophia_states()]
+
+
+def _fed_estimator(params, key, *, h_hat=None, **_):
+    return h_hat
+
+
+def jax_sophia_states(state):
+    import jax
+
+    from sophia.jax import ScaleBySophiaState
+
+    found = []
+    jax.tree.map(
+        lambda x: found.append(x) if isinstance(x, ScaleBySophiaState) else None,
+        state,
+        is_leaf=lambda x: isinstance(x, ScaleBySophiaState),
+    )
+    return found
+
+
+class TorchDriver:
+    """sophia.torch.SophiaG with one param group per group; mode: loop, foreach or fused."""
+
+    def __init__(self, params, groups, mode="loop"):
+        import torch
+
+        from sophia.torch import SophiaG
+
+        self.torch = torch
+        self.name = f"torch-{mode}"
+        self.t = {k: torch.nn.Parameter(to_torch(v)) for k, v in params.items()}
+        flags = dict(
+            loop=dict(foreach=False, fused=False),
+            foreach=dict(foreach=True, fused=False),
+            fused=dict(foreach=False, fused=True),
+        )[mode]
+        pgs = []
+        for g in groups:
+            pgs.append(
+                dict(
+                    params=[self.t[n] for n in g["names"]],
+                    lr=g["lr"],
+                    betas=(g["b1"], g["b2"]),
+                    rho=g["rho"],
+                    weight_decay=g["weight_decay"],
+                    eps=g["eps"],
+                    bs=g["bs"],
+                    maximize=g["maximize"],
+                    dynamic=g["dynamic"],
+                )  # fmt: skip
+            )
+        self.opt = SophiaG(pgs, **flags)
+        self.order = [n for g in groups for n in g["names"]]
+        self.groups = groups
+
+    def refresh(self, h_hat):
+        self.opt.update_hessian(hessian=[to_torch(h_hat[n]) for n in self.order])
+
+    def step(self, grads):
+        for n, p in self.t.items():
+            p.grad = to_torch(grads[n])
+        self.opt.step()
+
+    def _state(self, key):
+        return {n: from_torch(self.opt.state[p][key]) for n, p in self.t.items()}
+
+    def params(self):
+        return {n: from_torch(p) for n, p in self.t.items()}
+
+    def mu(self):
+        return self._state("exp_avg")
+
+    def hessian(self):
+        return self._state("hessian")
+
+    def rhos(self):
+        return [float(g["sophia_state"]["rho"]) for g in self.opt.param_groups]
+
+    def win_rates(self):
+        return [float(g["sophia_state"]["win_rate"]) for g in self.opt.param_groups]
+
+
+def run(driver, params0, grad_fn, hhat_fn, steps, k, record=None):
+    """``steps`` steps of ``driver``: a refresh before every step ``t`` with ``t % k == 0``.
+
+    ``grad_fn(params) -> grads`` and ``hhat_fn(params, t) -> h_hat`` are
+    deterministic NumPy functions of the driver's own current parameters, so
+    drivers that agree keep receiving identical inputs. ``record(t, driver)``
+    is called after every step. Returns the list of rho vectors after every
+    refresh.
+    """
+    rhos = []
+    for t in range(steps):
+        p = driver.params()
+        if t % k == 0:
+            driver.refresh(hhat_fn(p, t))
+            rhos.append(tuple(driver.rhos()))
+        driver.step(grad_fn(p))
+        if record is not None:
+            record(t, driver)
+    return rhos
+
+
+def set_state(driver, mu, h):
+    """Overwrites the momentum and Hessian EMA of a driver (all groups)."""
+    if isinstance(driver, Reference):
+        driver.m = {k: np.array(v) for k, v in mu.items()}
+        driver.h = {k: np.array(v) for k, v in h.items()}
+    elif isinstance(driver, JaxDriver):
+        jnp = driver.jnp
+
+        def fill(s):
+            def tree(field, src):
+                return {
+                    k: v if isinstance(v, driver.optax.MaskedNode) else jnp.asarray(src[k])
+                    for k, v in getattr(s, field).items()
+                }
+
+            return s._replace(mu=tree("mu", mu), hessian=tree("hessian", h))
+
+        from sophia.jax import ScaleBySophiaState
+
+        driver.state = driver.jax.tree.map(
+            lambda x: fill(x) if isinstance(x, ScaleBySophiaState) else x,
+            driver.state,
+            is_leaf=lambda x: isinstance(x, ScaleBySophiaState),
+        )
+    else:
+        for n, p in driver.t.items():
+            st = driver.opt._init_state(_group_of(driver.opt, p), p)
+            st["exp_avg"].copy_(to_torch(mu[n]))
+            st["hessian"].copy_(to_torch(h[n]))
+
+
+def _group_of(opt, p):
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def random_leaves(seed, shapes, dtype=np.float32, h_scale=1e-2):
+    """theta, g, m, h dicts: h has negative entries (Hutchinson-like) and exact zeros."""
+    rng = np.random.default_rng(seed)
+    out = ({}, {}, {}, {})
+    for i, shape in enumerate(shapes):
+        theta, g, m = (rng.normal(size=shape) for _ in range(3))
+        h = rng.normal(size=shape) * h_scale
+        if h.size:
+            h.flat[:: max(h.size // 5, 1)] = 0.0
+            m.flat[1 :: max(h.size // 4, 2)] = 0.0
+        for d, x in zip(out, (theta, g, m, h)):
+            d[f"p{i}"] = x.astype(dtype)
+    return out
+
+
+def within_rounding(x, ref, *operands, n=2):
+    """|x - ref| <= n ulp of the largest operand: what a fused multiply-add can move."""
+    dtype = np.asarray(ref).dtype
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    scale = np.abs(ref)
+    for o in operands:
+        scale = np.maximum(scale, np.abs(np.asarray(o, np.float64)))
+    spacing = np.spacing(scale.astype(dtype)).astype(np.float64)
+    return bool(np.all(np.abs(x - ref) <= n * spacing))
