@@ -146,8 +146,9 @@ class JaxDriver:
     """sophia.jax.sophia_g (one group) or optax.multi_transform of one per group.
 
     ``jit``: jit the step (and, unless ``jit_refresh=False``, the refresh).
-    ``builtin``: instead of update_hessian, the transform's own refresh every ``builtin`` steps with an estimator that
-    returns the estimate passed to ``update``. ``wd_mask``: one sophia_g with this
+    ``builtin``: instead of update_hessian, the transform's own refresh every
+    ``builtin`` steps with an estimator that returns the estimate passed to
+    ``update``. ``wd_mask``: ``(weight_decay, mask)`` for one sophia_g with a
     weight_decay_mask instead of groups (the groups' other hyperparameters must agree).
     """
 

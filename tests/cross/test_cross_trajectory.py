@@ -14,7 +14,6 @@ import numpy as np
 import problems
 import pytest
 from crossref import (
-    BF16,
     JaxDriver,
     Reference,
     TorchDriver,
