@@ -27,15 +27,17 @@ def trace(driver, prob, steps, k):
 
 def main(names):
     for name in names:
-        prob, groups, steps, k = case(name)
+        builtin = name.endswith(":builtin")  # the transform's own refresh (lax.cond)
+        prob, groups, steps, k = case(name.split(":")[0])
         ref = trace(Reference(prob.params0, groups), prob, steps, k)
-        for jit_refresh in (False, True):
-            d = JaxDriver(prob.params0, groups, jit=True, jit_refresh=jit_refresh)
+        for jit_refresh in (True,) if builtin else (False, True):
+            kw = dict(builtin=k) if builtin else dict(jit_refresh=jit_refresh)
+            d = JaxDriver(prob.params0, groups, jit=True, **kw)
             got = trace(d, prob, steps, k)
             ulps = [max(tree_ulp(a, b) for a, b in zip(s, r)) for s, r in zip(got[0], ref[0])]
             first = next((t for t, u in enumerate(ulps) if u), None)
-            out = dict(case=name, driver=d.name, steps=steps, max_ulp=max(ulps),
-                       first_diff=first, rho_equal=got[2] == ref[2],
+            driver = "jax-jit-builtin" if builtin else d.name
+            out = dict(case=name, driver=driver, steps=steps, max_ulp=max(ulps), first_diff=first, rho_equal=got[2] == ref[2],
                        rates_equal=got[1] == ref[1])  # fmt: skip
             print(json.dumps(out), flush=True)
 

@@ -157,6 +157,10 @@ def case(name):
         prob = LeastSquares()
         groups = [group(list(prob.params0), lr=0.01, rho=0.05, weight_decay=0.01, dynamic=True)]
         return prob, groups, 1000, 10
+    if name == "logistic":  # no dynamic rho: what a built-in refresh is checked on
+        prob = Logistic()
+        groups = [group(list(prob.params0), lr=0.02, rho=0.04, weight_decay=0.1, bs=64.0)]
+        return prob, groups, 300, 4
     if name == "logistic-maximize":
         prob = Logistic(maximize=True)
         groups = [

@@ -94,17 +94,21 @@ def test_jitted_long_runs_without_fma_are_identical(cross_report):
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX")
     script = os.path.join(os.path.dirname(__file__), "cross_nofma.py")
     out = subprocess.run(
-        [sys.executable, script, *CASES], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, script, *CASES, "logistic:builtin"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert {(r["case"], r["driver"]) for r in rows} == {
         (c, d) for c in CASES for d in ("jax-jit-step", "jax-jit")
-    }
+    } | {("logistic:builtin", "jax-jit-builtin")}
     for r in rows:
         tag = f"{r['case']} {r['steps']} steps, no FMA: every step"
-        if r["driver"] == "jax-jit-step":
-            cross_report(tag, "jax-jit-step", "numpy", r["max_ulp"], None, "0 ulp")
+        if r["driver"] in ("jax-jit-step", "jax-jit-builtin"):
+            cross_report(tag, r["driver"], "numpy", r["max_ulp"], None, "0 ulp")
             assert r["max_ulp"] == 0 and r["rho_equal"] and r["rates_equal"], r
         else:
             note = f"rho equal: {r['rho_equal']} (jitted rho/1.25 -> rho*0.8, reported)"
