@@ -325,13 +325,13 @@ def save(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
     groups = []
     for gi, g in enumerate(checkpoint.groups):
         for n in g.names:
-            tensors[f"mu/{n}"] = np.ascontiguousarray(g.mu[n])
-            tensors[f"hessian/{n}"] = np.ascontiguousarray(g.hessian[n])
+            tensors[f"mu/{n}"] = np.array(g.mu[n], order="C")  # keeps 0-d (ascontiguousarray does not)
+            tensors[f"hessian/{n}"] = np.array(g.hessian[n], order="C")
         tensors[f"group{gi}/rho"] = np.asarray(g.rho)
         tensors[f"group{gi}/win_rate"] = np.asarray(g.win_rate)
         tensors[f"group{gi}/step"] = np.asarray(int(g.step), np.int64)
         if g.key is not None:
-            tensors[f"group{gi}/key"] = np.ascontiguousarray(g.key)
+            tensors[f"group{gi}/key"] = np.array(g.key, order="C")
         groups.append(
             {
                 "names": list(g.names),

@@ -39,13 +39,15 @@ def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, str]:
         _fail(f"sophia.interop: {what} has dtype {t.dtype} (allowed: {sorted(_TORCH_DTYPES)})")
     t = t.detach().cpu().contiguous()
     if name == "bfloat16":
-        return t.view(torch.int16).numpy().view(np.uint16).copy(), name
+        bits = t.view(torch.int16).numpy().view(np.uint16).reshape(tuple(t.shape))
+        return bits.copy(), name
     return t.numpy().copy(), name
 
 
 def _to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16).copy()).view(torch.bfloat16)
+        bits = torch.from_numpy(np.ascontiguousarray(x).view(np.int16).copy())
+        return bits.view(torch.bfloat16).reshape(x.shape)
     return torch.from_numpy(np.array(x, copy=True))
 
 

@@ -61,7 +61,7 @@ def to_torch(x):
 
     x = np.asarray(x)
     if x.dtype == BF16:
-        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16).reshape(x.shape)
     return torch.from_numpy(x.copy())
 
 
@@ -70,7 +70,7 @@ def from_torch(t):
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(BF16).copy()
+        return t.view(torch.int16).numpy().view(BF16).reshape(tuple(t.shape)).copy()
     return t.numpy().copy()
 
 
@@ -324,7 +324,7 @@ class TorchDriver:
         return [float(g["sophia_state"]["win_rate"]) for g in self.opt.param_groups]
 
 
-def run(driver, params0, grad_fn, hhat_fn, steps, k, record=None):
+def run(driver, params0, grad_fn, hhat_fn, steps, k, record=None, start=0):
     """``steps`` steps of ``driver``: a refresh before every step ``t`` with ``t % k == 0``.
 
     ``grad_fn(params) -> grads`` and ``hhat_fn(params, t) -> h_hat`` are
@@ -334,7 +334,7 @@ def run(driver, params0, grad_fn, hhat_fn, steps, k, record=None):
     refresh.
     """
     rhos = []
-    for t in range(steps):
+    for t in range(start, start + steps):
         p = driver.params()
         if t % k == 0:
             driver.refresh(hhat_fn(p, t))
