@@ -325,7 +325,7 @@ def save(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
     groups = []
     for gi, g in enumerate(checkpoint.groups):
         for n in g.names:
-            tensors[f"mu/{n}"] = np.array(g.mu[n], order="C")  # keeps 0-d (ascontiguousarray does not)
+            tensors[f"mu/{n}"] = np.array(g.mu[n], order="C")  # 0-d stays 0-d
             tensors[f"hessian/{n}"] = np.array(g.hessian[n], order="C")
         tensors[f"group{gi}/rho"] = np.asarray(g.rho)
         tensors[f"group{gi}/win_rate"] = np.asarray(g.win_rate)
