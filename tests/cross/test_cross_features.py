@@ -55,7 +55,7 @@ def test_weight_decay_mask_equals_param_group_without_decay(cross_report):
         group([n for n in prob.params0 if decayed[n]], weight_decay=0.1, **hp),
         group([n for n in prob.params0 if not decayed[n]], weight_decay=0.0, **hp),
     ]
-    steps, k = 60, 10
+    steps, k = 40, 10
     ref, _ = _snapshots(Reference(prob.params0, groups), prob, steps, k)
     for d in (
         JaxDriver(prob.params0, groups, wd_mask=(0.1, decayed)),

@@ -39,7 +39,7 @@ CASES = ["least-squares", "logistic-maximize", "mlp-groups", "least-squares-bf16
 # Op-by-op JAX dispatches every primitive on its own (~10 ms a step here), so it runs
 # a prefix of each trajectory; the whole length is covered by the jitted step under the
 # no-FMA flag (test_jitted_long_runs_without_fma_are_identical), the same computation.
-OP_BY_OP_STEPS = 150
+OP_BY_OP_STEPS = 100
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -102,8 +102,9 @@ def test_jitted_long_runs_without_fma_are_identical(cross_report):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert {(r["case"], r["driver"]) for r in rows} == {
-        (c, d) for c in CASES for d in ("jax-jit-step", "jax-jit")
+    dynamic = {"least-squares", "mlp-groups", "least-squares-bf16"}
+    assert {(r["case"], r["driver"]) for r in rows} == {(c, "jax-jit-step") for c in CASES} | {
+        (c, "jax-jit") for c in dynamic
     } | {("logistic:builtin", "jax-jit-builtin")}
     for r in rows:
         tag = f"{r['case']} {r['steps']} steps, no FMA: every step"
