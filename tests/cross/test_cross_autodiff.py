@@ -18,13 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 from crossref import rel_diff
 
 import sophia.jax as sj
 from sophia.torch import SophiaG
 
-HP = dict(lr=3e-3, b1=0.965, b2=0.99, rho=0.04, weight_decay=0.1)
+BASE = dict(b1=0.965, b2=0.99, rho=0.04, weight_decay=0.1)
+# near-default, and a larger step with more clipping (separates sooner)
+CONFIGS = {"lr3e-3": dict(BASE, lr=3e-3), "lr1e-2": dict(BASE, lr=1e-2)}
 BATCH, STEPS, K = 64, 300, 10
 
 
@@ -63,7 +66,7 @@ def labels_from(u, probs):
     return np.minimum((u[:, None] > cdf).sum(axis=1), probs.shape[1] - 1)
 
 
-def run_jax(p0, batches, uniforms):
+def run_jax(p0, batches, uniforms, HP):
     def logits_fn(p, x):
         h = jax.nn.relu(x @ p["fc1.weight"].T + p["fc1.bias"])
         return h @ p["fc2.weight"].T + p["fc2.bias"]
@@ -98,7 +101,7 @@ def run_jax(p0, batches, uniforms):
     return traj, lambda x: np.asarray(logits_fn(p, jnp.asarray(x)))
 
 
-def run_torch(p0, batches, uniforms):
+def run_torch(p0, batches, uniforms, HP):
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
     )  # fmt: skip
@@ -136,7 +139,9 @@ def _metrics(logits, y):
     return loss, float(np.mean(z.argmax(1) == y))
 
 
-def test_own_autodiff_agrees_first_then_on_outcomes(cross_report):
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_own_autodiff_agrees_first_then_on_outcomes(config, cross_report):
+    HP = CONFIGS[config]
     (x_tr, y_tr), (x_te, y_te) = digits()
     rng = np.random.default_rng(2)
     batches = []
@@ -145,8 +150,8 @@ def test_own_autodiff_agrees_first_then_on_outcomes(cross_report):
         batches.append((x_tr[idx], y_tr[idx]))
     uniforms = rng.uniform(size=(STEPS, BATCH))
     p0 = init()
-    tj, logits_j = run_jax(p0, batches, uniforms)
-    tt, logits_t = run_torch(p0, batches, uniforms)
+    tj, logits_j = run_jax(p0, batches, uniforms, HP)
+    tt, logits_t = run_torch(p0, batches, uniforms, HP)
 
     rels = [max(rel_diff(a[k], b[k]) for k in a) for a, b in zip(tj, tt)]
     flipped = [
@@ -162,15 +167,15 @@ def test_own_autodiff_agrees_first_then_on_outcomes(cross_report):
     loss_j, acc_j = _metrics(logits_j(x_te), y_te)
     loss_t, acc_t = _metrics(logits_t(x_te), y_te)
     loss_0 = np.log(10.0)  # uniform predictions
-    cross_report("digits MLP own autodiff: step 1 theta", "jax-jit", "torch", None, rels[0],
-                 "1e-5 rel")  # fmt: skip
+    tag = f"digits MLP {config} own autodiff"
+    cross_report(f"{tag}: step 1 theta", "jax-jit", "torch", None, rels[0], "1e-5 rel")
     cross_report(
-        "digits MLP own autodiff: separation", "jax-jit", "torch", None, rels[-1],
+        f"{tag}: separation", "jax-jit", "torch", None, rels[-1],
         f"1e-4 rel at step {sep4}, 1e-2 at {sep2}; first lr-sized flip at step {first_flip}; "
         f"{flipped[-1]}/{n_params} coords differ by >lr/2 after {STEPS}",
     )  # fmt: skip
     cross_report(
-        "digits MLP own autodiff: test outcome", "jax-jit", "torch", None,
+        f"{tag}: test outcome", "jax-jit", "torch", None,
         abs(loss_j - loss_t) / loss_t,
         f"loss {loss_j:.4f} vs {loss_t:.4f}, acc {acc_j:.3f} vs {acc_t:.3f} (chance 0.1)",
     )  # fmt: skip
