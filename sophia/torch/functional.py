@@ -107,6 +107,154 @@ def _real(*tensors: Tensor) -> list[Tensor]:
     return [torch.view_as_real(x) if torch.is_complex(x) else x for x in tensors]
 
 
+#: Elements per block of the for-loop and foreach bodies on CPU. Their ~17 elementwise
+#: passes run block by block, so every pass after a block's first touch reads it from
+#: cache (the four operands and two or three temporaries of 256 KiB each in float32):
+#: main memory sees theta, g, m and h read once and theta and m written once, as in the
+#: fused kernel, instead of once per pass.
+_CPU_BLOCK = 1 << 16
+#: A sum of 0.0/1.0 values in float32 is exact while it stays below ``2**24``.
+_EXACT_FLOAT_COUNT = 1 << 24
+#: The fused path packs tensors smaller than this into one flat buffer per step, so that
+#: they take one compiled call instead of one each (each call costs ~0.1 ms of dispatch).
+_PACK_BELOW = 1 << 15
+#: The compiled kernel counts in int32; longer tensors are cut into pieces of this size.
+_KERNEL_PIECE = 1 << 30
+
+
+def _step_coefficients(
+    cd: torch.dtype,
+    device: torch.device,
+    maximize: bool,
+    *,
+    lr: Scalar,
+    beta1: Scalar,
+    rho: Scalar,
+    bs: Scalar,
+    weight_decay: Scalar,
+    eps: Scalar,
+) -> tuple[Tensor, ...]:
+    """``(b1, +-(1 - b1), rho * bs, eps, weight_decay, lr)`` as 0-dim ``cd`` tensors on ``device``.
+
+    With ``maximize`` the second one is ``-(1 - b1)``: ``(-g) (1 - b1)`` and
+    ``g (-(1 - b1))`` are the same float (negation is exact and rounding is
+    symmetric), so no pass negates the gradient. Tensors rather than Python
+    floats, because an eager op wraps a Python scalar into a tensor on every
+    call (several microseconds each).
+    """
+    b1, omb1, rho_bs, eps_c, wd, lr_c = _coefficients(
+        cd,
+        device,
+        lr=lr,
+        beta1=beta1,
+        rho=rho,
+        bs=bs,
+        weight_decay=weight_decay,
+        eps=eps,
+        as_tensors=True,
+    )
+    if maximize:
+        omb1 = torch.neg(omb1)
+    return b1, omb1, rho_bs, eps_c, wd, lr_c
+
+
+def _count_wins(r: Tensor, buf: Tensor | None = None) -> Tensor:
+    """How many entries of ``r`` are ``< 1`` (NaN is not), as a 0-dim tensor.
+
+    With a floating ``buf`` of ``r``'s shape (free to overwrite) the comparison
+    is written into it as 0.0/1.0 and summed: on CPU several times faster than
+    summing a bool tensor, and exact, since every partial sum is an integer
+    below ``2**24``. The result is then a float tensor holding an integer.
+    """
+    if buf is not None and r.numel() < _EXACT_FLOAT_COUNT:
+        return torch.lt(r, 1, out=buf).sum()
+    return (r < 1).sum()
+
+
+def _total_wins(counts: list[Tensor], device: torch.device) -> Tensor:
+    """The sum of 0-dim counts (ints or integer-valued floats), an int64 tensor on ``device``."""
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for c in counts:
+        groups.setdefault((c.device, c.dtype), []).append(c)
+    for cs in groups.values():
+        # each float count is an exact integer; converting before summing keeps it exact
+        part = torch.stack(cs).to(torch.int64).sum()
+        total = total + (part if part.device == device else part.to(device))
+    return total
+
+
+def _pieces(tensors: tuple[Tensor, ...], block: int | None) -> list[tuple[Tensor, ...]]:
+    """``tensors`` (one shape) whole, or as matching flat slices of at most ``block`` elements.
+
+    Only contiguous tensors are cut; the others stay whole.
+    """
+    n = tensors[0].numel()
+    if block is None or n <= block or not all(x.is_contiguous() for x in tensors):
+        return [tensors]
+    flats = [x.view(-1) for x in tensors]
+    return [tuple(f[i : i + block] for f in flats) for i in range(0, n, block)]
+
+
+def _traced_sophia_g(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    maximize: bool,
+    **hp: Any,
+) -> Tensor:
+    """Every path inside an outer ``torch.compile``: the per-tensor expression, fused there."""
+    out_device = params[0].device
+    n_win = torch.zeros((), dtype=torch.int64, device=out_device)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, hessians, state_steps]  # type: ignore[list-item]
+    )
+    for (device, dtype), ((d_params, d_grads, d_ms, d_hs, d_steps), _) in grouped.items():
+        torch._foreach_add_(d_steps, 1)
+        coeffs = _step_coefficients(compute_dtype(dtype), device, maximize, **hp)
+        for p, g, m, h in zip(d_params, d_grads, d_ms, d_hs):
+            n_win = n_win + _fused_body(*_real(p, g, m, h), *coeffs).to(out_device)
+    return n_win
+
+
+def _single_tensor_update(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    h: Tensor,
+    coeffs: tuple[Tensor, ...],
+    cd: torch.dtype,
+    a: Tensor,
+    r: Tensor,
+) -> Tensor:
+    """One tensor (or block) updated in place, through ``cd`` buffers ``a``, ``r`` of its shape.
+
+    Returns the number of coordinates with ``r < 1`` (see :func:`_count_wins`).
+    """
+    b1, omb1, rho_bs, eps, wd, lr = coeffs
+    t = param if param.dtype == cd else param.to(cd)
+    mc = m if m.dtype == cd else m.to(cd)
+    g = grad if grad.dtype == cd else grad.to(cd)
+    hc = h if h.dtype == cd else h.to(cd)
+    # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
+    mc.mul_(b1).add_(torch.mul(g, omb1, out=a))
+    # den <- rho bs max(h, 0) + eps; r <- min(|m| / den, 1)
+    torch.clamp_min(hc, 0, out=a).mul_(rho_bs).add_(eps)
+    torch.abs(mc, out=r).div_(a).clamp_max_(1)
+    wins = _count_wins(r, a)
+    # u <- sign(m) r + wd theta; theta <- theta - lr u
+    r.mul_(torch.sign(mc, out=a)).add_(torch.mul(t, wd, out=a))
+    t.sub_(r.mul_(lr))
+    if t is not param:
+        param.copy_(t)
+    if mc is not m:
+        m.copy_(mc)
+    return wins
+
+
 def _single_tensor_sophia_g(
     params: list[Tensor],
     grads: list[Tensor],
@@ -124,51 +272,112 @@ def _single_tensor_sophia_g(
     capturable: bool,
     has_complex: bool,
 ) -> Tensor:
-    """The for-loop body: one tensor at a time, two temporaries per tensor."""
+    """The for-loop body: one tensor at a time (on CPU one block at a time), two buffers."""
     del capturable, has_complex  # every path is host-sync free; complex is viewed per tensor
-    n_win = None
-    coeffs: dict[tuple[torch.dtype, torch.device], tuple[Scalar, ...]] = {}
+    hp = {"lr": lr, "beta1": beta1, "rho": rho, "bs": bs, "weight_decay": weight_decay, "eps": eps}
+    if not params:
+        return torch.zeros((), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return _traced_sophia_g(
+            params, grads, exp_avgs, hessians, state_steps, maximize=maximize, **hp
+        )
+    counts: list[Tensor] = []
+    coeffs: dict[tuple[torch.dtype, torch.device], tuple[Tensor, ...]] = {}
+    bufs: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
     for i in range(len(params)):
         param, grad, m, h = _real(params[i], grads[i], exp_avgs[i], hessians[i])
         state_steps[i] += 1
+        if param.numel() == 0:
+            continue
         cd = compute_dtype(param.dtype)
         key = (cd, param.device)
         if key not in coeffs:
-            coeffs[key] = _coefficients(
-                cd,
-                param.device,
-                lr=lr,
-                beta1=beta1,
-                rho=rho,
-                bs=bs,
-                weight_decay=weight_decay,
-                eps=eps,
-            )
-        b1, omb1, rho_bs, eps_c, wd, lr_c = coeffs[key]
+            coeffs[key] = _step_coefficients(cd, param.device, maximize, **hp)
+        block = _CPU_BLOCK if param.device.type == "cpu" else None
+        for piece in _pieces((param, grad, m, h), block):
+            x = piece[0]
+            if block is not None and x.numel() <= block and x.is_contiguous():
+                if key not in bufs:
+                    bufs[key] = tuple(torch.empty(block, dtype=cd, device=x.device) for _ in "ar")
+                a, r = (buf[: x.numel()].view(x.shape) for buf in bufs[key])
+            else:
+                a, r = (torch.empty_like(x, dtype=cd) for _ in "ar")
+            counts.append(_single_tensor_update(*piece, coeffs[key], cd, a, r))
+    return _total_wins(counts, params[0].device)
 
-        t = param if param.dtype == cd else param.to(cd)
-        g = grad.to(cd)
-        if maximize:
-            g = torch.neg(g)
-        # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
-        mc = m if m.dtype == cd else m.to(cd)
-        buf = torch.mul(g, omb1)
-        mc.mul_(b1).add_(buf)
-        # den <- rho bs max(h, 0) + eps; r <- min(|m| / den, 1)
-        torch.clamp_min(h.to(cd), 0, out=buf)
-        buf.mul_(rho_bs).add_(eps_c)
-        r = torch.abs(mc).div_(buf).clamp_max_(1)
-        wins = (r < 1).sum()
-        n_win = wins if n_win is None else n_win + wins.to(n_win.device)
-        # u <- sign(m) r + wd theta; theta <- theta - lr u
-        r.mul_(torch.sign(mc, out=buf))
-        r.add_(torch.mul(t, wd, out=buf))
-        t.sub_(r.mul_(lr_c))
-        if t is not param:
-            param.copy_(t)
-        if mc is not m:
-            m.copy_(mc)
-    return n_win if n_win is not None else torch.zeros((), dtype=torch.int64)
+
+def _foreach_update(
+    ts: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    hs: list[Tensor],
+    coeffs: tuple[Tensor, ...],
+    cd: torch.dtype,
+) -> list[Tensor]:
+    """The update of a list of tensors of one device and dtype with ``torch._foreach_*`` ops.
+
+    Returns one count per tensor (see :func:`_count_wins`).
+    """
+    b1, omb1, rho_bs, eps, wd, lr = coeffs
+    low = ts[0].dtype != cd
+    tc = [x.to(cd) for x in ts] if low else ts
+    mc = [x.to(cd) for x in ms] if low else ms
+    gc = [x if x.dtype == cd else x.to(cd) for x in gs]
+    hc = [x if x.dtype == cd else x.to(cd) for x in hs]
+    # m <- b1 m + (1 - b1) g
+    buf = torch._foreach_mul(gc, omb1)
+    torch._foreach_mul_(mc, b1)
+    torch._foreach_add_(mc, buf)
+    del buf
+    # den <- rho bs max(h, 0) + eps; r <- min(|m| / den, 1)
+    den = torch._foreach_clamp_min(hc, 0.0)
+    torch._foreach_mul_(den, rho_bs)
+    torch._foreach_add_(den, eps)
+    r = torch._foreach_abs(mc)
+    torch._foreach_div_(r, den)
+    torch._foreach_clamp_max_(r, 1.0)
+    wins = [_count_wins(x, d) for x, d in zip(r, den)]
+    del den
+    # u <- sign(m) r + wd theta; theta <- theta - lr u
+    buf = torch._foreach_sign(mc)
+    torch._foreach_mul_(r, buf)
+    del buf
+    buf = torch._foreach_mul(tc, wd)
+    torch._foreach_add_(r, buf)
+    del buf
+    torch._foreach_mul_(r, lr)
+    torch._foreach_sub_(tc, r)
+    if low:
+        torch._foreach_copy_(ts, tc)
+        torch._foreach_copy_(ms, mc)
+    return wins
+
+
+def _batches(lists: list[list[Tensor]], block: int | None) -> list[list[list[Tensor]]]:
+    """The tensor lists cut into batches of about ``block`` elements (one batch without ``block``).
+
+    Contiguous tensors longer than ``block`` are cut into flat slices (see
+    :func:`_pieces`); small tensors share a batch; zero-size ones are dropped.
+    """
+    if block is None:
+        return [lists]
+    batches: list[list[list[Tensor]]] = []
+    cur: list[list[Tensor]] = [[] for _ in lists]
+    size = 0
+    for xs in zip(*lists):
+        if xs[0].numel() == 0:
+            continue
+        for piece in _pieces(xs, block):
+            k = piece[0].numel()
+            if size and size + k > block:
+                batches.append(cur)
+                cur, size = [[] for _ in lists], 0
+            for lst, x in zip(cur, piece):
+                lst.append(x)
+            size += k
+    if size:
+        batches.append(cur)
+    return batches
 
 
 def _multi_tensor_sophia_g(
@@ -188,60 +397,31 @@ def _multi_tensor_sophia_g(
     capturable: bool,
     has_complex: bool,
 ) -> Tensor:
-    """The foreach body: ``torch._foreach_*`` kernels on each (device, dtype) bucket."""
+    """The foreach body: ``torch._foreach_*`` kernels per (device, dtype), by blocks on CPU."""
     del capturable
+    hp = {"lr": lr, "beta1": beta1, "rho": rho, "bs": bs, "weight_decay": weight_decay, "eps": eps}
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
-    out_device = params[0].device
-    n_win = torch.zeros((), dtype=torch.int64, device=out_device)
+    if torch.compiler.is_compiling():
+        return _traced_sophia_g(
+            params, grads, exp_avgs, hessians, state_steps, maximize=maximize, **hp
+        )
+    counts: list[Tensor] = []
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, hessians, state_steps]  # type: ignore[list-item]
     )
     for (device, dtype), ((d_params, d_grads, d_ms, d_hs, d_steps), _) in grouped.items():
-        d_params, d_grads, d_ms, d_hs = (list(x) for x in (d_params, d_grads, d_ms, d_hs))
+        lists = [list(x) for x in (d_params, d_grads, d_ms, d_hs)]
         if has_complex:
-            d_params, d_grads, d_ms, d_hs = (
-                [torch.view_as_real(x) if torch.is_complex(x) else x for x in xs]
-                for xs in (d_params, d_grads, d_ms, d_hs)
-            )
+            lists = [
+                [torch.view_as_real(x) if torch.is_complex(x) else x for x in xs] for xs in lists
+            ]
         torch._foreach_add_(d_steps, 1)
         cd = compute_dtype(dtype)
-        b1, omb1, rho_bs, eps_c, wd, lr_c = _coefficients(
-            cd, device, lr=lr, beta1=beta1, rho=rho, bs=bs, weight_decay=weight_decay, eps=eps
-        )
-        low = d_params[0].dtype != cd
-        ts = [x.to(cd) for x in d_params] if low else d_params
-        ms = [x.to(cd) for x in d_ms] if low else d_ms
-        gs = [x.to(cd) for x in d_grads] if d_grads[0].dtype != cd else d_grads
-        hs = [x.to(cd) for x in d_hs] if d_hs[0].dtype != cd else d_hs
-        if maximize:
-            gs = torch._foreach_neg(gs)
-        buf = torch._foreach_mul(gs, omb1)
-        torch._foreach_mul_(ms, b1)
-        torch._foreach_add_(ms, buf)
-        del buf
-        den = torch._foreach_clamp_min(hs, 0.0)
-        torch._foreach_mul_(den, rho_bs)
-        torch._foreach_add_(den, eps_c)
-        r = torch._foreach_abs(ms)
-        torch._foreach_div_(r, den)
-        torch._foreach_clamp_max_(r, 1.0)
-        for x in r:
-            n_win = n_win + (x < 1).sum().to(out_device)
-        # den is free: reuse it for sign(m), then for wd * theta
-        torch._foreach_copy_(den, ms)
-        torch._foreach_sign_(den)
-        torch._foreach_mul_(r, den)
-        torch._foreach_copy_(den, ts)
-        torch._foreach_mul_(den, wd)
-        torch._foreach_add_(r, den)
-        del den
-        torch._foreach_mul_(r, lr_c)
-        torch._foreach_sub_(ts, r)
-        if low:
-            torch._foreach_copy_(d_params, ts)
-            torch._foreach_copy_(d_ms, ms)
-    return n_win
+        coeffs = _step_coefficients(cd, device, maximize, **hp)
+        for batch in _batches(lists, _CPU_BLOCK if device.type == "cpu" else None):
+            counts += _foreach_update(*batch, coeffs, cd)
+    return _total_wins(counts, params[0].device)
 
 
 def _fused_body(
@@ -255,23 +435,28 @@ def _fused_body(
     eps: Tensor,
     wd: Tensor,
     lr: Tensor,
-    sign: Tensor,
+    count_dtype: torch.dtype = torch.int64,
 ) -> Tensor:
     """One tensor's update as a pure expression, for ``torch.compile`` to fuse into one loop.
 
-    ``sign`` is ``-1`` for ``maximize`` and ``1`` otherwise; multiplying by it
-    is an exact negation, and keeping it a tensor avoids a second compile.
+    ``omb1`` carries the sign of ``maximize`` (see :func:`_step_coefficients`).
+    For ``den > 0``, ``sign(m) min(|m| / den, 1)`` is ``clamp(m / den, -1, 1)``
+    to the bit (the quotient's magnitude is ``|m| / den`` rounded alike), except
+    that ``sign(-0) = 0`` makes it ``+0`` where the quotient is ``-0``: adding
+    ``+0`` to ``m`` first maps ``-0`` to ``+0`` and no other value changes. That
+    is a handful of vector instructions fewer per element than the literal form,
+    which on a memory-bound loop still shows.
     """
     cd = compute_dtype(param.dtype)
     t = param.to(cd)
-    g = grad.to(cd) * sign
-    mc = m.to(cd) * b1 + g * omb1
+    mc = m.to(cd) * b1 + grad.to(cd) * omb1
     den = torch.clamp_min(h.to(cd), 0) * rho_bs + eps
-    r = torch.clamp_max(torch.abs(mc) / den, 1)
-    u = torch.sign(mc) * r + t * wd
+    q = (mc + 0.0) / den
+    u = torch.where(q > 1, 1.0, torch.where(q < -1, -1.0, q)) + t * wd
     param.copy_(t - u * lr)
     m.copy_(mc)
-    return (r < 1).sum()
+    # r = min(|m| / den, 1) < 1 exactly where |m / den| < 1
+    return (torch.abs(q) < 1).sum(dtype=count_dtype)
 
 
 _FUSED_KERNELS: dict[torch.dtype, Any] = {}
@@ -282,19 +467,38 @@ def _fused_kernel(dtype: torch.dtype) -> Any:
 
     Each dtype gets its own copy of the code object, so that dynamo's
     per-function recompile limit counts each dtype on its own and one dtype
-    never evicts another's compiled graph.
+    never evicts another's compiled graph. The copy counts in int32 (cheaper in
+    the vector loop); callers keep each call below ``2**31`` elements.
     """
     kernel = _FUSED_KERNELS.get(dtype)
     if kernel is None:
         name = f"_fused_body_{str(dtype).replace('torch.', '')}"
         code = _fused_body.__code__.replace(co_name=name)
-        fn = types.FunctionType(code, _fused_body.__globals__, name)
+        fn = types.FunctionType(code, _fused_body.__globals__, name, (torch.int32,))
         kernel = _FUSED_KERNELS[dtype] = torch.compile(fn, dynamic=True, fullgraph=True)
     return kernel
 
 
 #: Device types the compiled kernel supports (torch.compile's inductor backends).
 FUSED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def _fused_packed(
+    small: list[tuple[Tensor, ...]], kernel: Any, coeffs: tuple[Tensor, ...]
+) -> Tensor:
+    """Small (or non-contiguous) tensors through one call on flat copies, copied back after."""
+    ps, gs, ms, hs = (list(x) for x in zip(*small))
+    flat_p, flat_g, flat_m, flat_h = (
+        torch.cat([x.reshape(-1) for x in xs]) for xs in (ps, gs, ms, hs)
+    )
+    n = flat_p.numel()
+    # torch.compile specialises sizes 0 and 1: those go through the eager expression
+    body = kernel if 1 < n < 2**31 else _fused_body
+    wins = body(flat_p, flat_g, flat_m, flat_h, *coeffs)
+    sizes = [x.numel() for x in ps]
+    torch._foreach_copy_(ps, [v.view(x.shape) for v, x in zip(flat_p.split(sizes), ps)])
+    torch._foreach_copy_(ms, [v.view(x.shape) for v, x in zip(flat_m.split(sizes), ms)])
+    return wins
 
 
 def _fused_sophia_g(
@@ -316,50 +520,41 @@ def _fused_sophia_g(
 ) -> Tensor:
     """The fused body: one compiled pass per tensor (read p, g, m, h; write p, m)."""
     del capturable
+    hp = {"lr": lr, "beta1": beta1, "rho": rho, "bs": bs, "weight_decay": weight_decay, "eps": eps}
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
-    # inside an outer torch.compile (e.g. of SophiaG.step) the body is traced and fused there
-    compiling = torch.compiler.is_compiling()
-    out_device = params[0].device
-    n_win = torch.zeros((), dtype=torch.int64, device=out_device)
+    if torch.compiler.is_compiling():
+        # inside an outer torch.compile (e.g. of SophiaG.step) the body is traced and fused there
+        return _traced_sophia_g(
+            params, grads, exp_avgs, hessians, state_steps, maximize=maximize, **hp
+        )
+    counts: list[Tensor] = []
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, hessians, state_steps]  # type: ignore[list-item]
     )
     for (device, dtype), ((d_params, d_grads, d_ms, d_hs, d_steps), _) in grouped.items():
-        if not compiling and device.type not in FUSED_DEVICES:
+        if device.type not in FUSED_DEVICES:
             raise RuntimeError(
                 f"SophiaG fused=True supports devices {FUSED_DEVICES}, not {device.type!r}"
             )
         torch._foreach_add_(d_steps, 1)
-        cd = compute_dtype(dtype)
-        coeffs = _coefficients(
-            cd,
-            device,
-            lr=lr,
-            beta1=beta1,
-            rho=rho,
-            bs=bs,
-            weight_decay=weight_decay,
-            eps=eps,
-            as_tensors=True,
-        )
-        sign = torch.full((), -1.0 if maximize else 1.0, dtype=cd, device=device)
-        kernel = _fused_body if compiling else _fused_kernel(dtype)
-        for p, g, m, h in zip(d_params, d_grads, d_ms, d_hs):
-            if has_complex:
-                p, g, m, h = _real(p, g, m, h)
-            if p.numel() <= 1 and not compiling:
-                # torch.compile specialises sizes 0 and 1; those tensors take the eager body
-                n_win = n_win + _fused_body(p, g, m, h, *coeffs, sign).to(out_device)
-                continue
-            if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and h.is_contiguous():
-                p, g, m, h = (x.view(-1) for x in (p, g, m, h))
-            if compiling:
-                n_win = n_win + kernel(p, g, m, h, *coeffs, sign).to(out_device)
-            else:
-                with torch.no_grad():  # one compiled graph whatever the caller's grad mode
-                    n_win = n_win + kernel(p, g, m, h, *coeffs, sign).to(out_device)
-    return n_win
+        coeffs = _step_coefficients(compute_dtype(dtype), device, maximize, **hp)
+        kernel = _fused_kernel(dtype)
+        small: list[tuple[Tensor, ...]] = []
+        with torch.no_grad():  # one compiled graph whatever the caller's grad mode
+            for xs in zip(d_params, d_grads, d_ms, d_hs):
+                xs = tuple(_real(*xs)) if has_complex else xs
+                n = xs[0].numel()
+                if n == 0:
+                    continue
+                if n < _PACK_BELOW or not all(x.is_contiguous() for x in xs):
+                    small.append(xs)
+                    continue
+                for piece in _pieces(tuple(x.view(-1) for x in xs), _KERNEL_PIECE):
+                    counts.append(kernel(*piece, *coeffs))
+            if small:
+                counts.append(_fused_packed(small, kernel, coeffs))
+    return _total_wins(counts, params[0].device)
 
 
 def sophia_g(
