@@ -1,0 +1,157 @@
+"""SophiaG under torch.distributed on CPU (gloo, loopback): DDP with 2 and 4 processes, FSDP2.
+
+The workers live in ``distworker.py``; each fixture below starts one process group
+(``torch.multiprocessing.spawn``), runs a 6-step schedule on a 2-layer MLP with a
+softmax head and collects every rank's parameters and optimizer state here.
+
+Tolerance against the single-process run on the concatenated batch: the ranks'
+gradients are averaged by an all-reduce instead of being summed inside one
+``mean``, so the two runs differ only by floating-point reduction order. Measured
+(torch 2.13.0, CPU, float32, worst tensor, |a - b| / max|b| over the tensor):
+params 2.9e-7, exp_avg 1.9e-7, hessian 3.4e-7 for 2 and 4 ranks alike. We allow
+``REL_TOL = 4e-6``, about ten times the measurement.
+"""
+
+from __future__ import annotations
+
+import distworker as W
+import pytest
+import torch
+
+#: Bound on |a - b| / max|b| per tensor between a distributed run and the single process.
+REL_TOL = 4e-6
+STATE_KEYS = ("param", "exp_avg", "hessian")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(b.abs().max())
+    return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def _assert_close(run: dict, ref: dict, what: str) -> None:
+    for key in STATE_KEYS:
+        for i, (a, b) in enumerate(zip(run[key], ref[key], strict=True)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (what, key, i)
+            err = _rel_err(a, b)
+            assert err <= REL_TOL, f"{what}: {key}[{i}] differs by {err:.3g} (relative)"
+    for a, b in zip(run["step"], ref["step"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def ddp(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ddp{world}")
+    return world, W.launch("ddp", world, str(out))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return W.launch("fsdp", 2, str(tmp_path_factory.mktemp("fsdp")))
+
+
+@pytest.fixture(scope="module")
+def references():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs = {impl: W.reference(impl) for impl in W.IMPLS}
+        refs["fsdp_schedule"] = W.reference("foreach", W.FSDP_REFRESH)
+    finally:
+        torch.set_num_threads(threads)
+    return refs
+
+
+# ---------------------------------------------------------------------------------- DDP
+
+
+def test_ddp_ranks_hold_bit_identical_state(ddp):
+    """After refreshes through update_hessian(), (logits=, labels=) and (hessian=[...])."""
+    world, ranks = ddp
+    for impl in (*W.IMPLS, "fsdp_schedule"):
+        first = ranks[0][impl]
+        for r in range(1, world):
+            other = ranks[r][impl]
+            for key in (*STATE_KEYS, "step"):
+                for i, (a, b) in enumerate(zip(first[key], other[key], strict=True)):
+                    assert torch.equal(a, b), f"{impl}: rank {r} {key}[{i}] differs from rank 0"
+            for k, v in first["group"].items():
+                assert torch.equal(v, other["group"][k]), (impl, r, k)
+
+
+def test_ddp_matches_single_process_on_concatenated_batch(ddp, references):
+    world, ranks = ddp
+    for impl in W.IMPLS:
+        run, ref = ranks[0][impl], references[impl]
+        _assert_close(run, ref, f"DDP x{world} {impl}")
+        assert torch.equal(run["group"]["rho"], ref["group"]["rho"])
+        assert torch.equal(run["group"]["step"], ref["group"]["step"])
+        n_total = sum(p.numel() for p in ref["param"])
+        # the win rate may differ by a coordinate whose r sits at 1 within rounding
+        assert abs(float(run["group"]["win_rate"] - ref["group"]["win_rate"])) <= 1 / n_total
+    # the estimate routes changed h: every refresh contributed (no all-zero Hessian)
+    assert all(float(h.abs().max()) > 0 for h in ranks[0]["foreach"]["hessian"])
+
+
+# ---------------------------------------------------------------------------------- FSDP2
+
+
+def test_fsdp2_state_is_sharded_like_the_parameters(fsdp):
+    r0, r1 = fsdp
+    assert r0["param_types"] == ["DTensor"] * 4
+    # exp_avg and hessian are DTensors on the parameter's mesh with its placements and
+    # its local shard shape: no gather to one rank, no replicated copy
+    assert r0["placements_ok"] == [True] * 4 and r1["placements_ok"] == [True] * 4
+    full = [p.numel() for p in r0["run"]["param"]]
+    assert [a + b for a, b in zip(r0["local_numel"], r1["local_numel"])] == full
+    assert r0["local_numel"] != full  # really sharded (the 5-row head unevenly: 3 + 2 rows)
+
+
+def test_fsdp2_foreach_matches_ddp_and_single_process(fsdp, ddp, references):
+    """The foreach update on DTensor shards, the hessian refreshed from FSDP2's reduced grads."""
+    _, ranks = ddp
+    for run in (fsdp[0]["run"], fsdp[1]["run"]):
+        _assert_close(run, references["fsdp_schedule"], "FSDP2 vs one process")
+        _assert_close(run, ranks[0]["fsdp_schedule"], "FSDP2 vs DDP")
+    # the shards themselves: each rank's local piece is the piece of the gathered tensor
+    for key in ("param", "exp_avg"):
+        for i, full in enumerate(fsdp[0]["run"][key]):
+            pieces = torch.cat([fsdp[r]["local"][key][i] for r in (0, 1)])
+            assert torch.equal(pieces, full), (key, i)
+
+
+def test_fsdp2_checkpoint_round_trip(fsdp):
+    """get_/set_optimizer_state_dict, sharded and full, into a second FSDP2 model."""
+    for r in fsdp:
+        assert r["sd_exp_avg_types"] == ["DTensor"]
+        assert all(r["ckpt_equal"]), r["ckpt_equal"]  # params, state, sophia_state
+        assert all(r["full_ckpt_equal"]), r["full_ckpt_equal"]
+    # the full (consolidated) state dict holds the gathered tensors, keyed by FQN
+    r0 = fsdp[0]
+    for key in ("exp_avg", "hessian"):
+        got = [v[key] for v in r0["full_sd"].values()]
+        for a, b in zip(got, r0["run"][key], strict=True):
+            assert torch.equal(a, b)
+
+
+#: What fails on FSDP2 DTensor parameters with sophia/torch as it is (torch 2.13.0, gloo).
+#: strict xfails: when a fix lands these XPASS and fail, so remove the marker then.
+KNOWN_FAILURES = {
+    "step_foreach": "SophiaG._step copies the win count, a DTensor, into a plain tensor",
+    "step_forloop": "the for-loop body writes DTensor products into plain `out=` buffers",
+    "step_fused": "the fused path flattens unevenly sharded DTensors (reshape(-1))",
+    "update_hessian_logits": "estimators.sampled_label_grads all-reduces a DTensor gradient",
+    "load_into_fresh": "set_optimizer_state_dict's zero-lr step() hits the step_foreach bug",
+}
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
+        for k, why in KNOWN_FAILURES.items()
+    ],
+)
+def test_fsdp2_known_failures(fsdp, piece):
+    for r in fsdp:
+        assert r["failures"][piece] is None, r["failures"][piece]
