@@ -107,12 +107,13 @@ def _real(*tensors: Tensor) -> list[Tensor]:
     return [torch.view_as_real(x) if torch.is_complex(x) else x for x in tensors]
 
 
-#: Elements per block of the for-loop and foreach bodies on CPU. Their ~17 elementwise
-#: passes run block by block, so every pass after a block's first touch reads it from
-#: cache (the four operands and two or three temporaries of 256 KiB each in float32):
+#: Elements per block of the for-loop and foreach bodies on CPU. Their 16-21 elementwise
+#: kernels run block by block, so every kernel after a block's first touch reads it from
+#: cache (the four operands and two buffers, 512 KiB each in float32, 3 MiB in all):
 #: main memory sees theta, g, m and h read once and theta and m written once, as in the
-#: fused kernel, instead of once per pass.
-_CPU_BLOCK = 1 << 16
+#: fused kernel, instead of once per kernel. Smaller blocks pay the ~5 us dispatch of
+#: each kernel more often; larger ones fall out of a shared last-level cache.
+_CPU_BLOCK = 1 << 17
 #: A sum of 0.0/1.0 values in float32 is exact while it stays below ``2**24``.
 _EXACT_FLOAT_COUNT = 1 << 24
 #: The fused path packs tensors smaller than this into one flat buffer per step, so that
@@ -158,16 +159,18 @@ def _step_coefficients(
     return b1, omb1, rho_bs, eps_c, wd, lr_c
 
 
-def _count_wins(r: Tensor, buf: Tensor | None = None) -> Tensor:
+def _count_wins(r: Tensor, one: Tensor | None = None, buf: Tensor | None = None) -> Tensor:
     """How many entries of ``r`` are ``< 1`` (NaN is not), as a 0-dim tensor.
 
-    With a floating ``buf`` of ``r``'s shape (free to overwrite) the comparison
-    is written into it as 0.0/1.0 and summed: on CPU several times faster than
-    summing a bool tensor, and exact, since every partial sum is an integer
-    below ``2**24``. The result is then a float tensor holding an integer.
+    With ``one`` (a 0-dim tensor of ``r``'s dtype and device) and a floating
+    ``buf`` of ``r``'s shape that is free to overwrite (it may be ``r``), the
+    comparison is written into ``buf`` as 0.0/1.0 and summed: on CPU several
+    times faster than summing a bool tensor, and exact, since every partial sum
+    is an integer below ``2**24``. The result is then a float tensor holding an
+    integer (see :func:`_total_wins`).
     """
-    if buf is not None and r.numel() < _EXACT_FLOAT_COUNT:
-        return torch.lt(r, 1, out=buf).sum()
+    if buf is not None and one is not None and r.numel() < _EXACT_FLOAT_COUNT:
+        return torch.lt(r, one, out=buf).sum()
     return (r < 1).sum()
 
 
@@ -192,8 +195,63 @@ def _pieces(tensors: tuple[Tensor, ...], block: int | None) -> list[tuple[Tensor
     n = tensors[0].numel()
     if block is None or n <= block or not all(x.is_contiguous() for x in tensors):
         return [tensors]
-    flats = [x.view(-1) for x in tensors]
-    return [tuple(f[i : i + block] for f in flats) for i in range(0, n, block)]
+    return list(zip(*(x.view(-1).split(block) for x in tensors)))
+
+
+class _Workspace:
+    """What the for-loop body needs per (compute dtype, device), made once per step.
+
+    The coefficients, the constants 0 and 1 as 0-dim tensors, and two buffers
+    of ``block`` elements whose views are cached by shape (every full block and
+    every tensor of a repeated shape reuses them: making a view costs as much
+    as a small kernel).
+    """
+
+    def __init__(self, cd: torch.dtype, device: torch.device, coeffs: tuple[Tensor, ...]) -> None:
+        self.cd, self.device, self.coeffs = cd, device, coeffs
+        self.zero = torch.zeros((), dtype=cd, device=device)
+        self.one = torch.ones((), dtype=cd, device=device)
+        self.block = _CPU_BLOCK if device.type == "cpu" else None
+        self._bufs: tuple[Tensor, Tensor] | None = None
+        self._views: dict[torch.Size, tuple[Tensor, Tensor]] = {}
+        self._list_views: dict[tuple[torch.Size, ...], tuple[list[Tensor], list[Tensor]]] = {}
+
+    def buffers(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Two ``cd`` tensors of ``x``'s shape, free to overwrite."""
+        if self.block is None or x.numel() > self.block or not x.is_contiguous():
+            return torch.empty_like(x, dtype=self.cd), torch.empty_like(x, dtype=self.cd)
+        views = self._views.get(x.shape)
+        if views is None:
+            if self._bufs is None:
+                self._bufs = tuple(  # type: ignore[assignment]
+                    torch.empty(self.block, dtype=self.cd, device=self.device) for _ in "ar"
+                )
+            n = x.numel()
+            views = self._views[x.shape] = tuple(  # type: ignore[assignment]
+                buf[:n].view(x.shape)
+                for buf in self._bufs  # type: ignore[union-attr]
+            )
+        return views  # type: ignore[return-value]
+
+    def list_buffers(self, xs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Two lists of ``cd`` tensors of the shapes of ``xs``; ``None`` past ``block`` elements."""
+        key = tuple(x.shape for x in xs)
+        views = self._list_views.get(key)
+        if views is None:
+            if self.block is None or sum(x.numel() for x in xs) > self.block:
+                return None
+            if self._bufs is None:
+                self._bufs = tuple(  # type: ignore[assignment]
+                    torch.empty(self.block, dtype=self.cd, device=self.device) for _ in "ar"
+                )
+            out: tuple[list[Tensor], list[Tensor]] = ([], [])
+            for buf, lst in zip(self._bufs, out):  # type: ignore[arg-type]
+                offset = 0
+                for x in xs:
+                    lst.append(buf[offset : offset + x.numel()].view(x.shape))
+                    offset += x.numel()
+            views = self._list_views[key] = out
+        return views
 
 
 def _traced_sophia_g(
@@ -221,33 +279,30 @@ def _traced_sophia_g(
 
 
 def _single_tensor_update(
-    param: Tensor,
-    grad: Tensor,
-    m: Tensor,
-    h: Tensor,
-    coeffs: tuple[Tensor, ...],
-    cd: torch.dtype,
-    a: Tensor,
-    r: Tensor,
+    param: Tensor, grad: Tensor, m: Tensor, h: Tensor, ws: _Workspace
 ) -> Tensor:
-    """One tensor (or block) updated in place, through ``cd`` buffers ``a``, ``r`` of its shape.
+    """One tensor (or block) updated in place with 16 eager kernels and two buffers.
 
     Returns the number of coordinates with ``r < 1`` (see :func:`_count_wins`).
     """
-    b1, omb1, rho_bs, eps, wd, lr = coeffs
+    b1, omb1, rho_bs, eps, wd, lr = ws.coeffs
+    cd = ws.cd
     t = param if param.dtype == cd else param.to(cd)
     mc = m if m.dtype == cd else m.to(cd)
     g = grad if grad.dtype == cd else grad.to(cd)
     hc = h if h.dtype == cd else h.to(cd)
+    a, q = ws.buffers(t)
     # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
     mc.mul_(b1).add_(torch.mul(g, omb1, out=a))
-    # den <- rho bs max(h, 0) + eps; r <- min(|m| / den, 1)
+    # den <- rho bs max(h, 0) + eps
     torch.clamp_min(hc, 0, out=a).mul_(rho_bs).add_(eps)
-    torch.abs(mc, out=r).div_(a).clamp_max_(1)
-    wins = _count_wins(r, a)
+    # sign(m) min(|m| / den, 1) is clamp((m + 0) / den, -1, 1) to the bit (see _fused_body),
+    # and r = min(|m| / den, 1) < 1 exactly where |(m + 0) / den| < 1
+    torch.add(mc, ws.zero, out=q).div_(a)
+    wins = _count_wins(torch.abs(q, out=a), ws.one, a)
     # u <- sign(m) r + wd theta; theta <- theta - lr u
-    r.mul_(torch.sign(mc, out=a)).add_(torch.mul(t, wd, out=a))
-    t.sub_(r.mul_(lr))
+    q.clamp_(-1, 1).add_(torch.mul(t, wd, out=a))
+    t.sub_(q.mul_(lr))
     if t is not param:
         param.copy_(t)
     if mc is not m:
@@ -282,28 +337,39 @@ def _single_tensor_sophia_g(
             params, grads, exp_avgs, hessians, state_steps, maximize=maximize, **hp
         )
     counts: list[Tensor] = []
-    coeffs: dict[tuple[torch.dtype, torch.device], tuple[Tensor, ...]] = {}
-    bufs: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+    spaces: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
     for i in range(len(params)):
         param, grad, m, h = _real(params[i], grads[i], exp_avgs[i], hessians[i])
         state_steps[i] += 1
         if param.numel() == 0:
             continue
         cd = compute_dtype(param.dtype)
-        key = (cd, param.device)
-        if key not in coeffs:
-            coeffs[key] = _step_coefficients(cd, param.device, maximize, **hp)
-        block = _CPU_BLOCK if param.device.type == "cpu" else None
-        for piece in _pieces((param, grad, m, h), block):
-            x = piece[0]
-            if block is not None and x.numel() <= block and x.is_contiguous():
-                if key not in bufs:
-                    bufs[key] = tuple(torch.empty(block, dtype=cd, device=x.device) for _ in "ar")
-                a, r = (buf[: x.numel()].view(x.shape) for buf in bufs[key])
-            else:
-                a, r = (torch.empty_like(x, dtype=cd) for _ in "ar")
-            counts.append(_single_tensor_update(*piece, coeffs[key], cd, a, r))
+        ws = spaces.get((cd, param.device))
+        if ws is None:
+            coeffs = _step_coefficients(cd, param.device, maximize, **hp)
+            ws = spaces[(cd, param.device)] = _Workspace(cd, param.device, coeffs)
+        for piece in _pieces((param, grad, m, h), ws.block):
+            counts.append(_single_tensor_update(*piece, ws))
     return _total_wins(counts, params[0].device)
+
+
+def _foreach_fresh(
+    op: str, src: list[Tensor], other: Tensor | float, out: list[Tensor] | None
+) -> list[Tensor]:
+    """``torch._foreach_<op>(src, other)``: new tensors, or computed in the buffers ``out``.
+
+    Into buffers it takes a copy and an in-place op, except for a single tensor
+    (a block of a large one, most of the work on CPU), where the op's ``out=``
+    form is that same kernel without the copy.
+    """
+    if out is None:
+        return getattr(torch, f"_foreach_{op}")(src, other)
+    if len(src) == 1:
+        getattr(torch, op)(src[0], other, out=out[0])
+        return out
+    torch._foreach_copy_(out, src)
+    getattr(torch, f"_foreach_{op}_")(out, other)
+    return out
 
 
 def _foreach_update(
@@ -311,42 +377,45 @@ def _foreach_update(
     gs: list[Tensor],
     ms: list[Tensor],
     hs: list[Tensor],
-    coeffs: tuple[Tensor, ...],
-    cd: torch.dtype,
+    ws: _Workspace,
+    bufs: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> list[Tensor]:
     """The update of a list of tensors of one device and dtype with ``torch._foreach_*`` ops.
 
+    ``bufs`` are two lists of ``cd`` buffers of the tensors' shapes (the CPU
+    path's block buffers): each new value is then copied into them and computed
+    in place, which on CPU is cheaper than allocating (fresh pages from the
+    system on every block). Without them the foreach ops allocate, as on GPU.
     Returns one count per tensor (see :func:`_count_wins`).
     """
-    b1, omb1, rho_bs, eps, wd, lr = coeffs
+    b1, omb1, rho_bs, eps, wd, lr = ws.coeffs
+    cd = ws.cd
     low = ts[0].dtype != cd
     tc = [x.to(cd) for x in ts] if low else ts
     mc = [x.to(cd) for x in ms] if low else ms
     gc = [x if x.dtype == cd else x.to(cd) for x in gs]
     hc = [x if x.dtype == cd else x.to(cd) for x in hs]
-    # m <- b1 m + (1 - b1) g
-    buf = torch._foreach_mul(gc, omb1)
+    a_out, q_out = bufs if bufs is not None else (None, None)
+    # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
+    a = _foreach_fresh("mul", gc, omb1, a_out)
     torch._foreach_mul_(mc, b1)
-    torch._foreach_add_(mc, buf)
-    del buf
-    # den <- rho bs max(h, 0) + eps; r <- min(|m| / den, 1)
-    den = torch._foreach_clamp_min(hc, 0.0)
+    torch._foreach_add_(mc, a)
+    # den <- rho bs max(h, 0) + eps
+    den = _foreach_fresh("clamp_min", hc, 0.0, a_out)
     torch._foreach_mul_(den, rho_bs)
     torch._foreach_add_(den, eps)
-    r = torch._foreach_abs(mc)
-    torch._foreach_div_(r, den)
-    torch._foreach_clamp_max_(r, 1.0)
-    wins = [_count_wins(x, d) for x, d in zip(r, den)]
-    del den
+    # sign(m) min(|m| / den, 1) is clamp((m + 0) / den, -1, 1) to the bit (see _fused_body),
+    # and r = min(|m| / den, 1) < 1 exactly where |(m + 0) / den| < 1
+    q = _foreach_fresh("add", mc, ws.zero, q_out)
+    torch._foreach_div_(q, den)
+    wins = [_count_wins(torch.abs(x, out=d), ws.one, d) for x, d in zip(q, den)]
+    del a, den
+    torch._foreach_clamp_min_(q, -1.0)
+    torch._foreach_clamp_max_(q, 1.0)
     # u <- sign(m) r + wd theta; theta <- theta - lr u
-    buf = torch._foreach_sign(mc)
-    torch._foreach_mul_(r, buf)
-    del buf
-    buf = torch._foreach_mul(tc, wd)
-    torch._foreach_add_(r, buf)
-    del buf
-    torch._foreach_mul_(r, lr)
-    torch._foreach_sub_(tc, r)
+    torch._foreach_add_(q, _foreach_fresh("mul", tc, wd, a_out))
+    torch._foreach_mul_(q, lr)
+    torch._foreach_sub_(tc, q)
     if low:
         torch._foreach_copy_(ts, tc)
         torch._foreach_copy_(ms, mc)
@@ -418,9 +487,9 @@ def _multi_tensor_sophia_g(
             ]
         torch._foreach_add_(d_steps, 1)
         cd = compute_dtype(dtype)
-        coeffs = _step_coefficients(cd, device, maximize, **hp)
-        for batch in _batches(lists, _CPU_BLOCK if device.type == "cpu" else None):
-            counts += _foreach_update(*batch, coeffs, cd)
+        ws = _Workspace(cd, device, _step_coefficients(cd, device, maximize, **hp))
+        for batch in _batches(lists, ws.block):
+            counts += _foreach_update(*batch, ws, ws.list_buffers(batch[0]))
     return _total_wins(counts, params[0].device)
 
 
