@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sophia.torch import SophiaG, hutchinson
+from sophia.torch import SophiaG, gnb, hutchinson
 from sophia.torch.functional import sophia_g
 
 IN, HIDDEN, VOCAB = 6, 12, 5
@@ -174,21 +174,30 @@ def _shard(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def functional_step(opt: SophiaG) -> list[torch.Tensor]:
+def functional_step(opt: SophiaG, local: bool = False) -> list[torch.Tensor]:
     """One step through ``sophia.torch.functional.sophia_g`` (the path ``SophiaG.step`` calls).
 
-    Used on DTensor parameters because ``SophiaG.step`` itself cannot yet store the
-    win rate there (see test_dist_torch.py); returns the number of wins as a tensor.
+    With ``local`` the DTensor parameters, gradients and states are passed as their
+    local shards (``to_local()``: views, so the in-place update lands in the DTensors)
+    and each group's win count is summed over the ranks: the workaround for
+    ``SophiaG.step`` on FSDP2 parameters, and the approach of the patch proposed in
+    the report (the update is elementwise, so updating the shards is updating the
+    tensors). Returns each group's global win count.
     """
+    from torch.distributed.tensor import DTensor
+
+    def unwrap(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.to_local() if local and isinstance(x, DTensor) else x for x in xs]
+
     wins = []
     for group in opt.param_groups:
         ps, gs, ms, hs, ss = [], [], [], [], []
         opt._init_group(group, ps, gs, ms, hs, ss)
         n = sophia_g(
-            ps,
-            gs,
-            ms,
-            hs,
+            unwrap(ps),
+            unwrap(gs),
+            unwrap(ms),
+            unwrap(hs),
             ss,
             foreach=group["foreach"],
             fused=group["fused"],
@@ -200,8 +209,14 @@ def functional_step(opt: SophiaG) -> list[torch.Tensor]:
             eps=group["eps"],
             maximize=group["maximize"],
         )
+        if local:
+            dist.all_reduce(n)  # FSDP2's Shard(0) on a 1-D mesh: every element on one rank
         wins.append(n)
     return wins
+
+
+def local_shard_step(opt: SophiaG) -> list[torch.Tensor]:
+    return functional_step(opt, local=True)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -241,7 +256,19 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     params = list(model.parameters())
     result["param_types"] = [type(p).__name__ for p in params]
     placements_ok = []
-    run_schedule(model, model, opt, rank, world, step=functional_step, refresh=FSDP_REFRESH)
+    wins: list[torch.Tensor] = []
+    result["schedule_error"] = _attempt(
+        lambda: run_schedule(
+            model,
+            model,
+            opt,
+            rank,
+            world,
+            step=lambda o: wins.extend(local_shard_step(o)),
+            refresh=FSDP_REFRESH,
+        )
+    )
+    result["wins"] = [int(w) for w in wins]
     for p in params:
         st = opt.state[p]
         placements_ok.append(
@@ -317,6 +344,9 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     x, y, y_hat = (v[rank * n : (rank + 1) * n] for v in global_batch(0))
     failures: dict[str, str | None] = {}
     m, o = fresh()
+    F.cross_entropy(m(x), y).backward()  # the functional foreach body on the DTensors themselves
+    failures["functional_foreach"] = _attempt(lambda: functional_step(o))
+    m, o = fresh()
     failures["load_into_fresh"] = _attempt(lambda: set_optimizer_state_dict(m, o, sd))
     for name, kw in {**IMPLS, "fused": {"fused": True}}.items():
         m = _shard(make_model())
@@ -325,8 +355,17 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         failures[f"step_{name}"] = _attempt(o.step)
     m = _shard(make_model())
     o = SophiaG(m.parameters(), **HP, foreach=True)
-    failures["update_hessian_logits"] = _attempt(
-        lambda: o.update_hessian(logits=m(x), labels=y_hat)
+    # the logits route cannot work under FSDP2 (the sharded parameters are not in the
+    # forward's autograd graph): it must refuse, loudly
+    result["logits_route_error"] = _attempt(lambda: o.update_hessian(logits=m(x), labels=y_hat))
+    # ... and so must the estimator itself: without the all-reduce it returns zeros today
+    hs: list[torch.Tensor] = []
+    err = _attempt(
+        lambda: hs.extend(gnb(m(x), list(m.parameters()), labels=y_hat, average_across_ranks=False))
+    )
+    zero = err is None and all(bool((h.to_local() == 0).all()) for h in hs)
+    failures["gnb_refuses_sharded_params"] = (
+        "gnb returned an all-zero estimate for FSDP2 parameters, without an error" if zero else None
     )
     result["failures"] = failures
     torch.save(result, os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
