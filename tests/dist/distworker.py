@@ -288,6 +288,14 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         "exp_avg": [opt.state[p]["exp_avg"].to_local().clone() for p in params],
     }
 
+    # 1b. the same schedule through SophiaG.step itself (fails today: see the report)
+    model_s = _shard(make_model())
+    opt_s = SophiaG(model_s.parameters(), **HP, foreach=True)
+    result["step_run_error"] = _attempt(
+        lambda: run_schedule(model_s, model_s, opt_s, rank, world, refresh=FSDP_REFRESH)
+    )
+    result["step_run"] = None if result["step_run_error"] else snapshot(opt_s, _full)
+
     # 2. checkpoint round trip through torch.distributed.checkpoint's helpers, sharded
     #    (DTensor values) and full (plain tensors), into a fresh model and optimizer
     sd = get_optimizer_state_dict(model, opt)
@@ -348,7 +356,7 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     failures["functional_foreach"] = _attempt(lambda: functional_step(o))
     m, o = fresh()
     failures["load_into_fresh"] = _attempt(lambda: set_optimizer_state_dict(m, o, sd))
-    for name, kw in {**IMPLS, "fused": {"fused": True}}.items():
+    for name, kw in {"forloop": {"foreach": False}, "fused": {"fused": True}}.items():
         m = _shard(make_model())
         o = SophiaG(m.parameters(), **HP, **kw)
         F.cross_entropy(m(x), y).backward()
