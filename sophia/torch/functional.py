@@ -21,7 +21,7 @@ smallest normal number, and every operation is rounded on its own (no
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ class _Workspace:
         self.block = _CPU_BLOCK if device.type == "cpu" else None
         self._bufs: tuple[Tensor, Tensor] | None = None
         self._views: dict[torch.Size, tuple[Tensor, Tensor]] = {}
-        self._list_views: dict[tuple[torch.Size, ...], tuple[list[Tensor], list[Tensor]]] = {}
+        self._list_views: dict[tuple[torch.Size, ...], _ListBuffers] = {}
 
     def buffers(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Two ``cd`` tensors of ``x``'s shape, free to overwrite."""
@@ -222,36 +222,44 @@ class _Workspace:
             return torch.empty_like(x, dtype=self.cd), torch.empty_like(x, dtype=self.cd)
         views = self._views.get(x.shape)
         if views is None:
-            if self._bufs is None:
-                self._bufs = tuple(  # type: ignore[assignment]
-                    torch.empty(self.block, dtype=self.cd, device=self.device) for _ in "ar"
-                )
             n = x.numel()
             views = self._views[x.shape] = tuple(  # type: ignore[assignment]
-                buf[:n].view(x.shape)
-                for buf in self._bufs  # type: ignore[union-attr]
+                buf[:n].view(x.shape) for buf in self._buffers()
             )
         return views  # type: ignore[return-value]
 
-    def list_buffers(self, xs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
-        """Two lists of ``cd`` tensors of the shapes of ``xs``; ``None`` past ``block`` elements."""
+    def list_buffers(self, xs: list[Tensor]) -> _ListBuffers | None:
+        """Views of the two buffers for ``xs``, back to back; ``None`` past ``block`` elements."""
         key = tuple(x.shape for x in xs)
         views = self._list_views.get(key)
         if views is None:
-            if self.block is None or sum(x.numel() for x in xs) > self.block:
+            n = sum(x.numel() for x in xs)
+            if self.block is None or n > self.block:
                 return None
-            if self._bufs is None:
-                self._bufs = tuple(  # type: ignore[assignment]
-                    torch.empty(self.block, dtype=self.cd, device=self.device) for _ in "ar"
-                )
-            out: tuple[list[Tensor], list[Tensor]] = ([], [])
-            for buf, lst in zip(self._bufs, out):  # type: ignore[arg-type]
-                offset = 0
-                for x in xs:
-                    lst.append(buf[offset : offset + x.numel()].view(x.shape))
-                    offset += x.numel()
-            views = self._list_views[key] = out
+            a_flat, q_flat = (buf[:n] for buf in self._buffers())
+            lists: tuple[list[Tensor], list[Tensor]] = ([], [])
+            for flat, lst in zip((a_flat, q_flat), lists):
+                for x, v in zip(xs, flat.split([x.numel() for x in xs])):
+                    lst.append(v.view(x.shape))
+            views = self._list_views[key] = _ListBuffers(*lists, a_flat, q_flat)
         return views
+
+    def _buffers(self) -> tuple[Tensor, Tensor]:
+        if self._bufs is None:
+            self._bufs = tuple(  # type: ignore[assignment]
+                torch.empty(self.block, dtype=self.cd, device=self.device)  # type: ignore[arg-type]
+                for _ in "ar"
+            )
+        return self._bufs  # type: ignore[return-value]
+
+
+class _ListBuffers(NamedTuple):
+    """Two lists of buffers for a batch, and the flat spans of the buffers they tile."""
+
+    a: list[Tensor]
+    q: list[Tensor]
+    a_flat: Tensor
+    q_flat: Tensor
 
 
 def _traced_sophia_g(
@@ -378,15 +386,16 @@ def _foreach_update(
     ms: list[Tensor],
     hs: list[Tensor],
     ws: _Workspace,
-    bufs: tuple[list[Tensor], list[Tensor]] | None = None,
+    bufs: _ListBuffers | None = None,
 ) -> list[Tensor]:
     """The update of a list of tensors of one device and dtype with ``torch._foreach_*`` ops.
 
-    ``bufs`` are two lists of ``cd`` buffers of the tensors' shapes (the CPU
-    path's block buffers): each new value is then copied into them and computed
-    in place, which on CPU is cheaper than allocating (fresh pages from the
-    system on every block). Without them the foreach ops allocate, as on GPU.
-    Returns one count per tensor (see :func:`_count_wins`).
+    ``bufs`` are the CPU path's block buffers for the batch: each new value is
+    copied into them and computed in place, which on CPU is cheaper than
+    allocating (fresh pages from the system on every block), and the count and
+    the clamp run once on the flat span the batch's quotients tile. Without
+    them the foreach ops allocate, as on GPU. Returns counts (see
+    :func:`_count_wins`): one per batch with ``bufs``, else one per tensor.
     """
     b1, omb1, rho_bs, eps, wd, lr = ws.coeffs
     cd = ws.cd
@@ -395,7 +404,7 @@ def _foreach_update(
     mc = [x.to(cd) for x in ms] if low else ms
     gc = [x if x.dtype == cd else x.to(cd) for x in gs]
     hc = [x if x.dtype == cd else x.to(cd) for x in hs]
-    a_out, q_out = bufs if bufs is not None else (None, None)
+    a_out, q_out = (bufs.a, bufs.q) if bufs is not None else (None, None)
     # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
     a = _foreach_fresh("mul", gc, omb1, a_out)
     torch._foreach_mul_(mc, b1)
@@ -408,10 +417,15 @@ def _foreach_update(
     # and r = min(|m| / den, 1) < 1 exactly where |(m + 0) / den| < 1
     q = _foreach_fresh("add", mc, ws.zero, q_out)
     torch._foreach_div_(q, den)
-    wins = [_count_wins(torch.abs(x, out=d), ws.one, d) for x, d in zip(q, den)]
+    if bufs is not None:
+        # the batch's quotients tile one flat buffer: count and clamp them in one go
+        wins = [_count_wins(torch.abs(bufs.q_flat, out=bufs.a_flat), ws.one, bufs.a_flat)]
+        bufs.q_flat.clamp_(-1, 1)
+    else:
+        wins = [_count_wins(torch.abs(x, out=d), ws.one, d) for x, d in zip(q, den)]
+        torch._foreach_clamp_min_(q, -1.0)
+        torch._foreach_clamp_max_(q, 1.0)
     del a, den
-    torch._foreach_clamp_min_(q, -1.0)
-    torch._foreach_clamp_max_(q, 1.0)
     # u <- sign(m) r + wd theta; theta <- theta - lr u
     torch._foreach_add_(q, _foreach_fresh("mul", tc, wd, a_out))
     torch._foreach_mul_(q, lr)
