@@ -4,11 +4,19 @@ r"""Functional SophiaG for PyTorch: for-loop, foreach and fused implementations.
 :class:`sophia.torch.SophiaG`, split the way ``torch.optim.adamw`` is: one
 dispatcher and three bodies,
 
-* ``_single_tensor_sophia_g``: a Python loop over the tensors,
+* ``_single_tensor_sophia_g``: a Python loop over the tensors, 16 eager
+  kernels each into two reused buffers,
 * ``_multi_tensor_sophia_g``: ``torch._foreach_*`` kernels per (device, dtype),
 * ``_fused_sophia_g``: one ``torch.compile``-d kernel per tensor, compiled once
   (dynamic shapes) per dtype and cached; it reads ``param, grad, exp_avg,
-  hessian`` and writes ``param, exp_avg`` in one pass.
+  hessian`` and writes ``param, exp_avg`` in one pass (tensors below
+  ``_PACK_BELOW`` elements share one call on packed copies).
+
+On CPU the for-loop and foreach bodies run block by block (``_CPU_BLOCK``
+elements, small tensors batched together), so that their many elementwise
+kernels re-read each block from cache and main memory is streamed about once,
+as by the fused kernel; on other devices they run on whole tensors. Inside an
+outer ``torch.compile`` every body traces the fused body's expression.
 
 All three follow the arithmetic contract of :mod:`sophia.spec` to the bit:
 the math runs in the compute dtype (float32 for float32/bfloat16/float16,
@@ -16,6 +24,9 @@ float64 for float64), scalars are rounded to it first, derived scalars
 (``1 - b1``, ``rho * bs``) are computed in it, ``eps`` is floored at its
 smallest normal number, and every operation is rounded on its own (no
 ``addcmul``/``lerp``/``alpha=`` forms, which may use fused multiply-adds).
+Two exact rewrites save kernels: ``maximize`` multiplies by ``-(1 - b1)``
+instead of negating the gradient, and ``sign(m) min(|m| / den, 1)`` is
+computed as ``clamp((m + 0) / den, -1, 1)`` (see :func:`_fused_body`).
 """
 
 from __future__ import annotations
@@ -543,6 +554,12 @@ def _fused_body(
 
 
 _FUSED_KERNELS: dict[torch.dtype, Any] = {}
+#: Inductor settings of the fused kernel (see :func:`_fused_kernel`).
+_KERNEL_OPTIONS = {
+    "cpp.enable_floating_point_contract_flag": "off",
+    "cpp.enable_unsafe_math_opt_flag": False,
+    "emulate_precision_casts": True,
+}
 
 
 def _fused_kernel(dtype: torch.dtype) -> Any:
@@ -551,14 +568,20 @@ def _fused_kernel(dtype: torch.dtype) -> Any:
     Each dtype gets its own copy of the code object, so that dynamo's
     per-function recompile limit counts each dtype on its own and one dtype
     never evicts another's compiled graph. The copy counts in int32 (cheaper in
-    the vector loop); callers keep each call below ``2**31`` elements.
+    the vector loop); callers keep each call below ``2**31`` elements. The
+    options pin what the contract needs whatever the environment says: no
+    floating-point contraction or unsafe math in the C++ kernel, and no fp
+    fusion (FMA) in a Triton kernel, which inductor turns off only when it
+    emulates eager's rounding.
     """
     kernel = _FUSED_KERNELS.get(dtype)
     if kernel is None:
         name = f"_fused_body_{str(dtype).replace('torch.', '')}"
         code = _fused_body.__code__.replace(co_name=name)
         fn = types.FunctionType(code, _fused_body.__globals__, name, (torch.int32,))
-        kernel = _FUSED_KERNELS[dtype] = torch.compile(fn, dynamic=True, fullgraph=True)
+        kernel = _FUSED_KERNELS[dtype] = torch.compile(
+            fn, dynamic=True, fullgraph=True, options=_KERNEL_OPTIONS
+        )
     return kernel
 
 
