@@ -62,6 +62,10 @@ def test_step_time_torch_small_writes_all_figures(tmp_path):
         assert len(s["samples_ms"]) == len(s["cpu_samples_ms"]) == 2
         assert s["min_ms"] <= s["median_ms"]
 
+    sp = data["stream_pass"]
+    assert _positive(sp["median_ms"]) and _positive(sp["cpu_median_ms"])
+    assert _positive(data["ratios"]["sophia_fused / stream_4r2w_compiled"]["ratio_median"])
+
     floor = data["floor"]
     assert floor["bytes"] == 6 * 4 * data["config"]["n_params"]
     assert _positive(floor["floor_ms"]) and _positive(floor["best_gbps"])
