@@ -160,8 +160,6 @@ def test_forward_backward_shapes_and_causality():
     logits2 = forward(params, other)
     np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(logits2[:, :t]))
     assert float(jnp.max(jnp.abs(logits[:, t:] - logits2[:, t:]))) > 0
-    # a shorter sequence gives the same logits as the prefix of a longer one
-    np.testing.assert_allclose(forward(params, tokens[:, :5]), logits[:, :5], rtol=1e-5, atol=1e-5)
     targets = jnp.roll(tokens, 1, axis=0)
     loss, grads = jax.jit(jax.value_and_grad(model_jax.loss_fn), static_argnums=3)(
         params, tokens, targets, cfg.n_head
@@ -217,6 +215,10 @@ def test_each_optimizer_lowers_the_loss(tiny_run):
     assert results["sophiag"]["val_loss"][0] == results["adamw"]["val_loss"][0]
     assert results["sophiag"]["train_loss"][0] == results["adamw"]["train_loss"][0]
     assert results["sophiag"]["refresh"][:6] == [True, False, False, False, False, True]
+    diags = results["sophiag"]["diagnostics"]
+    assert [d["step"] for d in diags] == TINY.eval_steps()
+    assert all(0.0 <= d["win_rate"] <= 1.0 for d in diags) and diags[-1]["hessian_norm"] > 0
+    assert results["adamw"]["diagnostics"] == []
 
 
 def test_run_json_and_png_written(tiny_run):
@@ -230,7 +232,9 @@ def test_run_json_and_png_written(tiny_run):
     for name in ("sophiag", "adamw"):
         for key in ("final_val", "ms_per_step", "tokens_per_s", "opt_state_bytes"):
             assert key in summary[name]
-    assert {"plain_ms", "refresh_ms", "refresh_overhead"} <= summary["sophiag"].keys()
+    assert {"plain_ms", "refresh_ms", "refresh_overhead", "final_win_rate"} <= summary[
+        "sophiag"
+    ].keys()
     assert summary["sophiag"]["opt_state_bytes"] >= 2 * 4 * record["n_params"]
     assert saved["machine"]["jax"]["backend"] == jax.default_backend()
     assert saved["config"]["model"]["n_embd"] == 16

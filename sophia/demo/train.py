@@ -171,10 +171,11 @@ class RunConfig:
 
 
 #: Named run shapes. ``default`` is sized for a 2-core CPU (a few minutes for
-#: both optimizers); ``gpt2-small`` is the paper's model shape with a char
-#: vocabulary, for an accelerator. Optimizer settings of ``tiny`` and
-#: ``default`` are the winners of ``--sweep`` on the default shape; those of
-#: ``gpt2-small`` are the paper's recipes.
+#: both optimizers); its learning rates and rho are the winners of ``--sweep``
+#: on that shape (see :data:`SWEEP_SOPHIA_LRS`). ``tiny`` is a seconds-long
+#: smoke run with larger, unswept learning rates. ``gpt2-small`` is the
+#: paper's model shape with a byte vocabulary, for an accelerator, with the
+#: paper's GPT-2-small recipes.
 PRESETS: dict[str, RunConfig] = {
     "tiny": RunConfig(
         model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
@@ -227,7 +228,12 @@ def lr_at(step: int, opt: OptimConfig, cfg: RunConfig) -> float:
 
 
 class Trainer(Protocol):
-    """What a backend's ``make_trainer`` returns: a model and optimizer ready to step."""
+    """What a backend's ``make_trainer`` returns: a model and optimizer ready to step.
+
+    A trainer may also have ``diagnostics() -> dict[str, float]`` (SophiaG's
+    ``win_rate``, ``rho``, ``hessian_norm``...); :func:`train` then records
+    it at every evaluation.
+    """
 
     n_params: int
 
@@ -261,6 +267,7 @@ class RunResult:
       opt_state_bytes: bytes of the optimizer state.
       wall_s: wall-clock of the whole run (steps, evaluations, compilation).
       diverged: the loss became NaN or infinite and the run stopped.
+      diagnostics: the trainer's ``diagnostics()`` at each evaluation, if it has them.
     """
 
     framework: str
@@ -275,6 +282,7 @@ class RunResult:
     opt_state_bytes: int
     wall_s: float
     diverged: bool = False
+    diagnostics: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     @property
     def final_val(self) -> float:
@@ -388,10 +396,15 @@ def train(
     )
     bar = _Progress(progress, cfg.steps, f"{framework} {opt.label}", cfg.tokens_per_step)
 
+    diagnostics = getattr(trainer, "diagnostics", None)
+
     def evaluate(step: int) -> None:
         loss = float(trainer.evaluate(val_set))
         result.val_steps.append(step)
         result.val_loss.append(loss)
+        diag = diagnostics() if diagnostics is not None else None
+        if diag:
+            result.diagnostics.append({"step": step, **diag})
         bar.set_val(loss)
 
     try:
@@ -507,6 +520,10 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
             }
             if "plain_ms" in t:
                 row[name]["refresh_overhead"] = t["refresh_ms"] / t["plain_ms"]
+            if r.diagnostics and "win_rate" in r.diagnostics[-1]:
+                rates = [d["win_rate"] for d in r.diagnostics[1:]] or [math.nan]
+                row[name]["final_win_rate"] = r.diagnostics[-1]["win_rate"]
+                row[name]["mean_win_rate"] = float(np.mean(rates))
         if "sophiag" in runs and "adamw" in runs:
             s, a = runs["sophiag"], runs["adamw"]
             target = a.final_val
@@ -557,6 +574,11 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
                 "-",
             ),
             ("  step time vs AdamW", _fmt(row.get("time_ratio"), ".2f") + "x", "1.00x"),
+            (
+                "SophiaG win rate (mean / last eval)",
+                f"{_fmt(s.get('mean_win_rate'), '.2f')} / {_fmt(s.get('final_win_rate'), '.2f')}",
+                "-",
+            ),
             (
                 "tokens/s",
                 _fmt(s.get("tokens_per_s"), ",.0f"),
@@ -778,8 +800,8 @@ def run_comparison(
 
 
 #: The sweep's default grid (peak learning rates; SophiaG's rho).
-SWEEP_SOPHIA_LRS: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
-SWEEP_RHOS: tuple[float, ...] = (0.01, 0.03, 0.1)
+SWEEP_SOPHIA_LRS: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)
+SWEEP_RHOS: tuple[float, ...] = (0.03, 0.1, 0.3)
 SWEEP_ADAMW_LRS: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
 
 

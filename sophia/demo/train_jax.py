@@ -152,6 +152,16 @@ class JaxTrainer:
         losses = [self._loss(self.params, jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
         return float(jnp.mean(jnp.stack(losses)))
 
+    def diagnostics(self) -> dict[str, float]:
+        """SophiaG's :func:`sophia.jax.diagnostics` (win rate, rho, norms); ``{}`` for AdamW.
+
+        The win rate is the fraction of coordinates whose update was not
+        clipped at the last step (the paper recommends 0.1 to 0.5).
+        """
+        if self.opt.name != "sophiag":
+            return {}
+        return {k: float(v) for k, v in sj.diagnostics(self.opt_state).items() if k != "count"}
+
     def opt_state_bytes(self) -> int:
         """Bytes of the optimizer state pytree (clipping's and the schedule's state included)."""
         return _nbytes(self.opt_state)
