@@ -1,4 +1,4 @@
-"""Workers for tests/dist: SophiaG under DDP and FSDP2 on CPU with gloo, on loopback.
+"""Workers for tests/distributed: SophiaG under DDP and FSDP2 on CPU with gloo, on loopback.
 
 Every worker runs in a process started by :func:`launch` (``torch.multiprocessing``
 spawn), joins a gloo process group on 127.0.0.1 at a free port, writes what it
