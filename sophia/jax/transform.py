@@ -98,7 +98,10 @@ def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySoph
         f = jnp.asarray(spec.DYNAMIC_FACTOR, sd)
         span = jnp.asarray(spec.DYNAMIC_RANGE, sd)
         up = jnp.minimum(rho * f, rho0c * span)
-        down = jnp.maximum(rho / f, rho0c / span)
+        # The barrier keeps XLA from rewriting x / constant as x * (1 / constant) under
+        # jit, which is not the correctly rounded quotient the spec asks for.
+        f_div, span_div = jax.lax.optimization_barrier((f, span))
+        down = jnp.maximum(rho / f_div, rho0c / span_div)
         moved = jnp.where(
             state.win_rate < jnp.asarray(spec.WIN_RATE_BAND[0], sd),
             up,
