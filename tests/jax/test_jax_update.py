@@ -358,3 +358,16 @@ def test_jit_is_bit_identical_when_fma_contraction_is_off():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dynamic_rho_is_the_spec_rule_bit_for_bit(jit):
+    tx = sj.sophia_g(0.1, rho=0.05, hessian_update_interval=None, dynamic=True)
+    s0 = tx.init({"w": jnp.ones(4)})
+    h = {"w": jnp.ones(4)}
+    refresh = jax.jit(sj.update_hessian) if jit else sj.update_hessian
+    for rate in (0.0, 1.0):
+        for x in np.linspace(0.001, 6.0, 60).astype(np.float32):
+            core = s0[0]._replace(count=jnp.int32(1), win_rate=jnp.float32(rate), rho=x)
+            got = refresh((core,) + tuple(s0[1:]), h)[0].rho
+            assert np.float32(got) == spec.dynamic_rho(x, rate, 0.05), (rate, x)
