@@ -251,7 +251,9 @@ def scale_by_sophia(
         new_state = state._replace(
             count=optax.safe_int32_increment(state.count),
             mu=treedef.unflatten(new_m),
-            win_rate=n_win.astype(sd) / jnp.asarray(n_total, sd),
+            # The barrier keeps XLA from turning the division into a product with a
+            # rounded reciprocal of the constant, which is not the correctly rounded quotient.
+            win_rate=n_win.astype(sd) / jax.lax.optimization_barrier(jnp.asarray(n_total, sd)),
             momentum_norm=jnp.sqrt(sum(msq, jnp.zeros([], sd))),
         )
         return treedef.unflatten(new_u), new_state
