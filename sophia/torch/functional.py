@@ -13,10 +13,11 @@ dispatcher and three bodies,
   ``_PACK_BELOW`` elements share one call on packed copies).
 
 On CPU the for-loop and foreach bodies run block by block (``_CPU_BLOCK``
-elements, small tensors batched together), so that their many elementwise
-kernels re-read each block from cache and main memory is streamed about once,
-as by the fused kernel; on other devices they run on whole tensors. Inside an
-outer ``torch.compile`` every body traces the fused body's expression.
+elements per intra-op thread, small tensors batched together), so that their
+many elementwise kernels re-read each block from cache and main memory is
+streamed about once, as by the fused kernel; on other devices they run on
+whole tensors. Inside an outer ``torch.compile`` every body traces the fused
+body's expression.
 
 All three follow the arithmetic contract of :mod:`sophia.spec` to the bit:
 the math runs in the compute dtype (float32 for float32/bfloat16/float16,
@@ -125,6 +126,16 @@ def _real(*tensors: Tensor) -> list[Tensor]:
 #: fused kernel, instead of once per kernel. Smaller blocks pay the ~5 us dispatch of
 #: each kernel more often; larger ones fall out of a shared last-level cache.
 _CPU_BLOCK = 1 << 17
+#: With several intra-op threads each kernel on a block is split between them: a block
+#: of ``_CPU_BLOCK`` per thread (up to this many) keeps each thread's share, and the
+#: number of parallel regions (each ending in a barrier) falls with the thread count.
+_CPU_BLOCK_MAX_THREADS = 8
+
+
+def _cpu_block() -> int:
+    return _CPU_BLOCK * max(1, min(torch.get_num_threads(), _CPU_BLOCK_MAX_THREADS))
+
+
 #: A sum of 0.0/1.0 values in float32 is exact while it stays below ``2**24``.
 _EXACT_FLOAT_COUNT = 1 << 24
 #: The fused path packs tensors smaller than this into one flat buffer per step, so that
@@ -222,7 +233,7 @@ class _Workspace:
         self.cd, self.device, self.coeffs = cd, device, coeffs
         self.zero = torch.zeros((), dtype=cd, device=device)
         self.one = torch.ones((), dtype=cd, device=device)
-        self.block = _CPU_BLOCK if device.type == "cpu" else None
+        self.block = _cpu_block() if device.type == "cpu" else None
         self._bufs: tuple[Tensor, Tensor] | None = None
         self._views: dict[torch.Size, tuple[Tensor, Tensor]] = {}
         self._list_views: dict[tuple[torch.Size, ...], _ListBuffers] = {}
