@@ -28,6 +28,14 @@ TINY = train.RunConfig(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu_compiles():
+    """LLVM at O0 on the CPU: these runs are tiny and their time is XLA compilation."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_jax, "CPU_COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+        yield
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -149,26 +157,32 @@ def test_model_config_validation():
 def test_forward_backward_shapes_and_causality():
     cfg = TINY.model
     params = model_jax.init_params(cfg, 0)
-    forward = jax.jit(model_jax.make_apply(cfg))
+    forward = model_jax.make_apply(cfg)
+
+    def logits_loss_grads(params, tokens, targets):
+        def loss(p):
+            logits = forward(p, tokens)
+            return model_jax.cross_entropy(logits, targets), logits
+
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return logits, value, grads
+
+    run = train_jax.jit(logits_loss_grads)  # one compile for everything below
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, cfg.block_size)), jnp.int32)
-    logits = forward(params, tokens)
+    targets = jnp.roll(tokens, 1, axis=0)
+    logits, loss, grads = run(params, tokens, targets)
     assert logits.shape == (3, cfg.block_size, 256) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
-    # changing token t changes no logit before t, and changes the logits at t
-    t = 9
-    other = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
-    logits2 = forward(params, other)
-    np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(logits2[:, :t]))
-    assert float(jnp.max(jnp.abs(logits[:, t:] - logits2[:, t:]))) > 0
-    targets = jnp.roll(tokens, 1, axis=0)
-    loss, grads = jax.jit(jax.value_and_grad(model_jax.loss_fn), static_argnums=3)(
-        params, tokens, targets, cfg.n_head
-    )
     assert abs(float(loss) - math.log(256)) < 0.1  # GPT-2 init: near-uniform predictions
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
         assert g.shape == p.shape and bool(jnp.all(jnp.isfinite(g)))
     assert float(jnp.abs(grads["wte"]).sum()) > 0
+    # changing token t changes no logit before t, and changes the logits from t on
+    t = 9
+    logits2, _, _ = run(params, tokens.at[:, t].set((tokens[:, t] + 1) % 256), targets)
+    np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(logits2[:, :t]))
+    assert float(jnp.max(jnp.abs(logits[:, t:] - logits2[:, t:]))) > 0
 
 
 # ---------------------------------------------------------------- schedule and optimizer

@@ -105,11 +105,12 @@ def stdlib_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """
     base = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
     found = []
-    for path in base.rglob("*.py"):
-        rel = path.relative_to(base)
-        if any(part in SKIP_DIRS for part in rel.parts[:-1]) or not path.is_file():
-            continue
-        found.append((rel.as_posix(), path))
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # prune, do not descend
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.endswith(".py") and path.is_file():
+                found.append((path.relative_to(base).as_posix(), path))
     return [p for _, p in sorted(found)]
 
 

@@ -15,6 +15,24 @@ that provides:
 Everything else (data order, evaluation schedule, timing, the progress bar,
 the table, ``run.json`` and ``loss.png``) lives here, so the frameworks are
 compared on the same terms.
+
+What a backend must match so that its runs are comparable with the JAX ones
+(:mod:`sophia.demo.train_jax` is the reference):
+
+* the model of :mod:`sophia.demo.model_jax` (pre-LN GPT, GELU with the tanh
+  approximation, LayerNorm eps 1e-5, tied ``lm_head``), loaded from
+  :func:`sophia.demo.model.init_numpy`;
+* the loss: mean next-byte cross-entropy over the batch;
+* global-norm clipping of the gradient at ``cfg.grad_clip`` before the optimizer;
+* the learning rate :func:`lr_at` at update ``step`` (0-based), with weight
+  decay multiplied by it (AdamW-style decoupled decay), applied only where
+  :func:`sophia.demo.model.decays` says so;
+* SophiaG: ``bs = cfg.tokens_per_step``; the Hessian refresh on updates with
+  ``step % k == 0``, *before* that update, from the same batch: labels sampled
+  from the model's own softmax, the gradient of their mean cross-entropy
+  squared (GNB), ideally reusing the training forward (one extra backward);
+* ``Trainer.step`` returns the loss as a Python float only once the update has
+  finished on the device (so the driver's timing is the step's).
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "Trainer",
+    "adamw",
     "format_table",
     "load_backend",
     "lr_at",
@@ -52,8 +71,10 @@ __all__ = [
     "plot_losses",
     "run_comparison",
     "run_sweep",
+    "sophiag",
     "summarize",
     "train",
+    "write_json",
 ]
 
 FRAMEWORKS: tuple[str, ...] = ("jax", "torch")
@@ -195,8 +216,8 @@ PRESETS: dict[str, RunConfig] = {
         warmup=20,
         eval_interval=20,
         eval_batches=8,
-        sophia=sophiag(lr=3e-3, rho=0.03),
-        adamw=adamw(lr=3e-3),
+        sophia=sophiag(lr=5e-4, rho=0.3),
+        adamw=adamw(lr=4e-3),
     ),
     "gpt2-small": RunConfig(
         model=ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),

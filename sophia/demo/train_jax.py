@@ -28,7 +28,16 @@ from sophia.demo.data import Corpus
 from sophia.demo.model import ModelConfig
 from sophia.demo.train import OptimConfig, RunConfig, RunResult, train
 
-__all__ = ["JaxTrainer", "device_info", "make_optimizer", "make_schedule", "make_trainer", "run"]
+__all__ = [
+    "CPU_COMPILER_OPTIONS",
+    "JaxTrainer",
+    "device_info",
+    "jit",
+    "make_optimizer",
+    "make_schedule",
+    "make_trainer",
+    "run",
+]
 
 
 def make_schedule(opt: OptimConfig, cfg: RunConfig) -> Callable[[jax.Array], jax.Array]:
@@ -87,15 +96,18 @@ def make_optimizer(opt: OptimConfig, cfg: RunConfig) -> optax.GradientTransforma
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 
+def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """:func:`jax.jit` with :data:`CPU_COMPILER_OPTIONS` when the default backend is the CPU."""
+    if jax.default_backend() == "cpu":
+        kwargs.setdefault("compiler_options", CPU_COMPILER_OPTIONS)
+    return jax.jit(fun, **kwargs)
+
+
 @functools.lru_cache(maxsize=8)
 def _eval_loss(model: ModelConfig) -> Callable[..., jax.Array]:
     """The jitted validation loss for a model shape, shared by every trainer of that shape."""
     forward = model_jax.make_apply(model)
-    cpu = jax.default_backend() == "cpu"
-    return jax.jit(
-        lambda p, x, y: model_jax.cross_entropy(forward(p, x), y),
-        compiler_options=CPU_COMPILER_OPTIONS if cpu else None,
-    )
+    return jit(lambda p, x, y: model_jax.cross_entropy(forward(p, x), y))
 
 
 def _nbytes(tree: Any) -> int:
@@ -132,11 +144,8 @@ class JaxTrainer:
                 updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        cpu = jax.default_backend() == "cpu"
-        self._step = jax.jit(
-            train_step,
-            donate_argnums=() if cpu else (0, 1),
-            compiler_options=CPU_COMPILER_OPTIONS if cpu else None,
+        self._step = jit(
+            train_step, donate_argnums=() if jax.default_backend() == "cpu" else (0, 1)
         )
         self._loss = _eval_loss(cfg.model)
 
