@@ -6,6 +6,7 @@ dynamic-rho rule that this module implements for JAX.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -233,32 +234,169 @@ def scale_by_sophia(
         flat_g, treedef = jax.tree.flatten(updates)
         flat_m = treedef.flatten_up_to(state.mu)
         flat_h = treedef.flatten_up_to(state.hessian)
-        new_u, new_m, wins, msq = [], [], [], []
+        new_u, new_m, leaves = [], [], []
         for g, m, h in zip(flat_g, flat_m, flat_h):
             cd = _cd(g.dtype)
             b1c = jnp.asarray(b1, cd)
             gc = -g.astype(cd) if maximize else g.astype(cd)
             mc = b1c * m.astype(cd) + (jnp.asarray(1, cd) - b1c) * gc
-            rho_bs = state.rho.astype(cd) * jnp.asarray(bs, cd)
-            den = rho_bs * jnp.maximum(h.astype(cd), 0) + _eps(eps, cd)
-            r = jnp.minimum(jnp.abs(mc) / den, jnp.asarray(1, cd))
-            new_u.append(jnp.sign(mc) * r)
+            coef = (state.rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))
+            new_u.append(jnp.sign(mc) * _clip_ratio(mc, h, *coef))
             new_m.append(mc.astype(m.dtype if mu_dtype is None else mu_dtype))
-            wins.append(jnp.sum(r < 1, dtype=jnp.int32))
-            msq.append(jnp.sum(jnp.square(mc.astype(sd))))
-        n_total = max(optax.tree.size(updates), 1)
-        n_win = sum(wins, jnp.zeros([], jnp.int32))
+            leaves.append((mc, h, coef))
+        n_total = optax.tree.size(updates)
+        # Compiled for XLA:CPU, the diagnostics take the chunked route of _diagnostics.
+        # Run op by op they stay plain reductions: the loop there would be compiled
+        # as a whole, and XLA:CPU contracts a*b+c into fused multiply-adds inside a
+        # compiled computation, so the count could drift from the op-by-op update.
+        staged = any(isinstance(x, jax.core.Tracer) for x in (*flat_g, *flat_m, *flat_h))
+        if staged and jax.default_backend() == "cpu":
+            n_clipped, msq = _diagnostics(leaves, sd)
+        else:
+            n_clipped, msq = _plain_diagnostics(leaves, sd)
+        n_win = jnp.asarray(n_total, jnp.int32) - n_clipped
+        # The barrier keeps XLA from turning the division into a product with a rounded
+        # reciprocal of the constant, which is not the correctly rounded quotient.
+        total = jax.lax.optimization_barrier(jnp.asarray(max(n_total, 1), sd))
         new_state = state._replace(
             count=optax.safe_int32_increment(state.count),
             mu=treedef.unflatten(new_m),
-            # The barrier keeps XLA from turning the division into a product with a
-            # rounded reciprocal of the constant, which is not the correctly rounded quotient.
-            win_rate=n_win.astype(sd) / jax.lax.optimization_barrier(jnp.asarray(n_total, sd)),
-            momentum_norm=jnp.sqrt(sum(msq, jnp.zeros([], sd))),
+            win_rate=n_win.astype(sd) / total,
+            momentum_norm=jnp.sqrt(msq),
         )
         return treedef.unflatten(new_u), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _plain_diagnostics(leaves: list[tuple[Any, ...]], sd: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """``(n_clipped, sum(m**2))`` as plain per-leaf reductions (see :func:`_diagnostics`)."""
+    n_clipped, msq = jnp.zeros([], jnp.int32), jnp.zeros([], sd)
+    for mc, h, coef in leaves:
+        n_clipped += jnp.sum(~(_clip_ratio(mc, h, *coef) < 1), dtype=jnp.int32)
+        msq += jnp.sum(jnp.square(mc.astype(sd)))
+    return n_clipped, msq
+
+
+def _clip_ratio(mc: jax.Array, h: jax.Array, rho_bs: jax.Array, eps: jax.Array) -> jax.Array:
+    """``r = min(|m| / (rho * bs * max(h, 0) + eps), 1)`` in ``mc``'s dtype, in the spec's order."""
+    cd = mc.dtype
+    den = rho_bs * jnp.maximum(h.astype(cd), jnp.zeros([], cd)) + eps
+    return jnp.minimum(jnp.abs(mc) / den, jnp.ones([], cd))
+
+
+#: Most elements per iteration of the diagnostics loop (1 MiB of each float32 array).
+_CHUNK = 1 << 18
+#: Leaves smaller than this are concatenated for the diagnostics (a copy, but tiny).
+_SMALL = 1 << 14
+
+
+@functools.cache
+def _chunk_size(n: int) -> int:
+    """Elements per loop iteration over ``n``: at most ``_CHUNK``, and two iterations at least.
+
+    The largest divisor of ``n`` within that bound, or the bound itself (and a
+    ragged tail) if no divisor reaches a quarter of it.
+    """
+    bound = min(_CHUNK, max(n // 2, 1))
+    factors, rest, p = [], n, 2
+    while p * p <= rest:
+        while rest % p == 0:
+            factors.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        factors.append(rest)
+    divisors = {1}
+    for f in factors:
+        divisors |= {d * f for d in divisors if d * f <= bound}
+    best = max(divisors)
+    return best if 4 * best >= bound else bound
+
+
+def _diagnostics(leaves: list[tuple[Any, ...]], sd: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """``(n_clipped, sum(m**2))`` over all leaves: coordinates with ``r == 1``, and the norm.
+
+    Args:
+      leaves: ``(mc, h, (rho_bs, eps))`` per leaf, ``mc`` the new momentum in the
+        compute dtype.
+      sd: dtype of the sum of squares.
+
+    What XLA:CPU makes of the plain ``sum(r < 1)`` and ``sum(m**2)``: ``r``
+    (shared with the update) and an int32 copy of the mask materialised as
+    full-size temporaries, then reductions that run unfused, one core each. So
+    the diagnostics read the new momentum and ``h`` once more, behind an
+    optimization barrier (``r`` is recomputed, nothing is shared with the
+    update, no scalar broadcast either), and instead of reducing they add each
+    coordinate's ``[clipped, m**2]`` into a ``[2, chunk]`` accumulator: a loop
+    over cache-sized chunks (a divisor of the leaf's size where one is close to
+    ``_CHUNK``) of vectorised elementwise additions, split over the cores like
+    any elementwise loop, then one reduction per accumulator (leaves of one
+    size share one). Leaves under ``_SMALL`` elements are concatenated first.
+
+    Exact: a lane of a count accumulator gains at most one per chunk added,
+    far below 2**24, and the lanes are summed in int32. A coordinate is clipped
+    when ``not r < 1``, so a NaN ``r`` counts as clipped, as in the spec.
+    """
+    accs: dict[int, jax.Array] = {}
+    groups: dict[Any, list[tuple[Any, ...]]] = {}
+    for mc, h, coef in leaves:
+        if mc.size:
+            mc, h, coef = jax.lax.optimization_barrier((mc, h, coef))
+            groups.setdefault(mc.dtype, []).append((mc.reshape(-1), h.reshape(-1), coef))
+    for group in groups.values():
+        coef = group[0][2]  # leaves of one compute dtype share their coefficients
+        big = [(x, y) for x, y, _ in group if x.size >= _SMALL]
+        small = [(x, y) for x, y, _ in group if x.size < _SMALL]
+        if small:
+            big.append(tuple(jnp.concatenate(v) for v in zip(*small)))
+        for x, y in big:
+            _accumulate(accs, x, y, coef, sd)
+    n_clipped, msq = jnp.zeros([], jnp.int32), jnp.zeros([], sd)
+    for acc in accs.values():
+        n_clipped = n_clipped + jnp.sum(acc[0].astype(jnp.int32))
+        msq = msq + jnp.sum(acc[1])
+    return n_clipped, msq
+
+
+def _accumulate(
+    accs: dict[int, jax.Array],
+    mc: jax.Array,
+    h: jax.Array,
+    coef: tuple[jax.Array, jax.Array],
+    sd: jnp.dtype,
+) -> None:
+    """Adds the terms of flat ``mc``, ``h`` into ``accs``, a chunk at a time.
+
+    ``accs[w]`` is the ``[2, w]`` accumulator of the chunks ``w`` elements wide.
+    """
+    n = mc.size
+    if n < _SMALL:  # a few concatenated small leaves: added in straight away
+        accs[n] = accs.get(n, 0) + _chunk_terms(mc, h, *coef, sd)
+        return
+    size = _chunk_size(n)
+    steps, tail = divmod(n, size)
+    acc = accs.get(size, jnp.zeros((2, size), sd))
+
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
+        x = jax.lax.dynamic_slice(mc, (i * size,), (size,))
+        y = jax.lax.dynamic_slice(h, (i * size,), (size,))
+        return acc + _chunk_terms(x, y, *coef, sd)
+
+    # A loop even for two steps: its body adds into the accumulator in place, where
+    # straight-line code would materialise every leaf's terms as a temporary.
+    accs[size] = jax.lax.fori_loop(0, steps, body, acc)
+    if tail:  # no divisor near the chunk size: the rest goes to an accumulator of its width
+        accs[tail] = accs.get(tail, 0) + _chunk_terms(mc[n - tail :], h[n - tail :], *coef, sd)
+
+
+def _chunk_terms(
+    mc: jax.Array, h: jax.Array, rho_bs: jax.Array, eps: jax.Array, sd: jnp.dtype
+) -> jax.Array:
+    """``[clipped, m**2]`` per coordinate, stacked, in ``sd``."""
+    r = _clip_ratio(mc, h, rho_bs, eps)
+    clipped = jnp.where(r < jnp.ones([], r.dtype), jnp.zeros([], sd), jnp.ones([], sd))
+    return jnp.stack([clipped, jnp.square(mc.astype(sd))])
 
 
 def _eps(eps: chex.Numeric, cd: jnp.dtype) -> jax.Array:
