@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sophia.torch.functional import compute_dtype
+from sophia.torch.functional import DTensor, compute_dtype
 
 __all__ = ["gnb", "hutchinson", "sample_labels", "sampled_label_grads"]
 
@@ -79,6 +79,17 @@ def sampled_label_grads(
     flat = flat.to(compute_dtype(flat.dtype))  # float32 for bf16/f16 logits, as in JAX
     loss = F.cross_entropy(flat, y.reshape(-1).to(logits.device), reduction="mean")
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None and DTensor is not None and isinstance(p, DTensor):
+            # FSDP2 all-gathers sharded parameters outside autograd, so they are never in
+            # the logits' graph: zeros here would silently become a zero Hessian
+            raise ValueError(
+                f"sampled_label_grads: parameter {i} is a DTensor (placements "
+                f"{p.placements}) that the logits' graph does not reach, as with FSDP2's "
+                "fully_shard; refresh FSDP2 models with a backward of the loss against "
+                "sampled labels (sophia.torch.sample_labels) followed by "
+                "SophiaG.update_hessian(), which reads the reduce-scattered .grad"
+            )
     out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     if average_across_ranks is None:
         average_across_ranks = _distributed()

@@ -42,6 +42,11 @@ from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from sophia import spec
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+else:  # builds without torch.distributed have no DTensors to handle
+    DTensor = None  # type: ignore[assignment,misc]
+
 __all__ = ["hessian_ema", "sophia_g", "sophiag"]
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -706,7 +711,10 @@ def sophia_g(
     Per tensor, in the compute dtype of :mod:`sophia.spec`:
     ``m <- b1 m + (1-b1) g``; ``r <- min(|m| / (rho bs max(h,0) + eps), 1)``;
     ``theta <- theta - lr (sign(m) r + weight_decay theta)``; ``step += 1``.
-    The Hessian EMA is not touched (see :func:`hessian_ema`).
+    The Hessian EMA is not touched (see :func:`hessian_ema`). DTensor
+    parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated shard
+    by shard on each rank, their states must be sharded like them, and the
+    returned win count is the global one.
 
     Args:
       params: parameters, updated in place.
@@ -732,6 +740,20 @@ def sophia_g(
       The number of coordinates with ``r < 1`` (0-dim int64 tensor on the
       first parameter's device; no host synchronisation).
     """
+    kwargs: dict[str, Any] = {
+        "lr": lr,
+        "beta1": beta1,
+        "rho": rho,
+        "bs": bs,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "maximize": maximize,
+        "capturable": capturable,
+        "has_complex": has_complex,
+    }
+    lists = (params, grads, exp_avgs, hessians, state_steps)
+    if DTensor is not None and any(isinstance(p, DTensor) for p in params):
+        return _on_local_shards(*lists, foreach=foreach, fused=fused, **kwargs)
     if fused is None and foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, False, use_fused=False)
     if fused and foreach:
@@ -744,22 +766,77 @@ def sophia_g(
         func = _multi_tensor_sophia_g
     else:
         func = _single_tensor_sophia_g
-    return func(
-        params,
-        grads,
-        exp_avgs,
-        hessians,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        rho=rho,
-        bs=bs,
-        weight_decay=weight_decay,
-        eps=eps,
-        maximize=maximize,
-        capturable=capturable,
-        has_complex=has_complex,
-    )
+    return func(*lists, **kwargs)
+
+
+def _describe(t: Tensor) -> str:
+    if isinstance(t, DTensor):
+        return f"a DTensor with placements {t.placements} on {t.device_mesh}"
+    return f"a plain {type(t).__name__}"
+
+
+def _take(xs: list[Tensor], idx: list[int], local: bool) -> list[Tensor]:
+    return [xs[i].to_local() if local else xs[i] for i in idx]
+
+
+def _on_local_shards(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    state_steps: list[Tensor],
+    **kwargs: Any,
+) -> Tensor:
+    """:func:`sophia_g` on DTensor parameters (FSDP2, tensor parallel), shard by shard.
+
+    The update is elementwise, so updating every rank's local shard of
+    ``param``, ``exp_avg`` and ``grad`` (``to_local()`` views) with the plain
+    bodies is updating the DTensors, with no communication and no DTensor
+    dispatch per kernel; this needs the states sharded exactly like their
+    parameter. The only global quantity is the win count: per (mesh,
+    placements) class it is summed over the mesh dimensions the tensors are
+    sharded on (a ``Partial`` reduction) and taken as is over replicated ones.
+    """
+    classes: dict[Any, list[int]] = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, DTensor):
+            classes.setdefault(None, []).append(i)
+            continue
+        if any(pl.is_partial() for pl in p.placements):
+            raise ValueError(
+                f"sophia_g: parameter {i} is a DTensor with Partial placements {p.placements}; "
+                "an elementwise update needs Shard or Replicate placements"
+            )
+        for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("hessian", hessians[i])):
+            if not (
+                isinstance(t, DTensor)
+                and t.device_mesh == p.device_mesh
+                and t.placements == p.placements
+            ):
+                raise ValueError(
+                    f"sophia_g: the {name} of parameter {i} is {_describe(t)}, but the "
+                    f"parameter is {_describe(p)}; it must be a DTensor on the same mesh "
+                    "with the same placements"
+                )
+        classes.setdefault((p.device_mesh, p.placements), []).append(i)
+    total: Tensor | None = None
+    for key, idx in classes.items():
+        local = key is not None
+        n = sophia_g(
+            _take(params, idx, local),
+            _take(grads, idx, local),
+            _take(exp_avgs, idx, local),
+            _take(hessians, idx, local),
+            _take(state_steps, idx, False),
+            **kwargs,
+        )
+        if key is not None and any(pl.is_shard() for pl in key[1]):
+            mesh, placements = key
+            parts = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+            n = DTensor.from_local(n, mesh, parts).full_tensor()
+        total = n if total is None else total + n.to(total.device)
+    assert total is not None
+    return total
 
 
 #: The name torch's functional optimizers would use (``torch.optim.adamw.adamw``).

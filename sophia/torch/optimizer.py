@@ -12,7 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from sophia import spec
 from sophia.torch import estimators
-from sophia.torch.functional import compute_dtype, hessian_ema, sophia_g
+from sophia.torch.functional import DTensor, compute_dtype, hessian_ema, sophia_g
 
 __all__ = ["SophiaG"]
 
@@ -450,7 +450,10 @@ class SophiaG(Optimizer):
                     if key in st:
                         x = st[key]
                         x = torch.view_as_real(x) if torch.is_complex(x) else x
-                        norms[key].append(torch.linalg.vector_norm(x, dtype=sd).to(device))
+                        n = torch.linalg.vector_norm(x, dtype=sd)
+                        if DTensor is not None and isinstance(n, DTensor):
+                            n = n.full_tensor()  # every rank reports the global norm
+                        norms[key].append(n.to(device))
             out.append(
                 {
                     "win_rate": gs["win_rate"].clone(),

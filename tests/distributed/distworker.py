@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sophia.torch import SophiaG, gnb, hutchinson
-from sophia.torch.functional import sophia_g
 
 IN, HIDDEN, VOCAB = 6, 12, 5
 #: Global batch per step; divisible by every world size tested (2 and 4).
@@ -130,6 +129,8 @@ def snapshot(opt: SophiaG, full: Callable[[torch.Tensor], torch.Tensor] = lambda
 
 
 IMPLS = {"foreach": {"foreach": True}, "forloop": {"foreach": False}}
+#: The paths run under FSDP2: SophiaG.step on DTensor parameters.
+PATHS = {**IMPLS, "fused": {"fused": True}}
 
 
 # ---------------------------------------------------------------------------------- DDP
@@ -173,52 +174,6 @@ def _shard(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def functional_step(opt: SophiaG, local: bool = False) -> list[torch.Tensor]:
-    """One step through ``sophia.torch.functional.sophia_g`` (the path ``SophiaG.step`` calls).
-
-    With ``local`` the DTensor parameters, gradients and states are passed as their
-    local shards (``to_local()``: views, so the in-place update lands in the DTensors)
-    and each group's win count is summed over the ranks: the workaround for
-    ``SophiaG.step`` on FSDP2 parameters, and the approach of the patch proposed in
-    the report (the update is elementwise, so updating the shards is updating the
-    tensors). Returns each group's global win count.
-    """
-    from torch.distributed.tensor import DTensor
-
-    def unwrap(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [x.to_local() if local and isinstance(x, DTensor) else x for x in xs]
-
-    wins = []
-    for group in opt.param_groups:
-        ps, gs, ms, hs, ss = [], [], [], [], []
-        opt._init_group(group, ps, gs, ms, hs, ss)
-        n = sophia_g(
-            unwrap(ps),
-            unwrap(gs),
-            unwrap(ms),
-            unwrap(hs),
-            ss,
-            foreach=group["foreach"],
-            fused=group["fused"],
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            rho=group["rho"],
-            bs=group["bs"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
-        if local:
-            dist.all_reduce(n)  # FSDP2's Shard(0) on a 1-D mesh: every element on one rank
-        wins.append(n)
-    return wins
-
-
-def local_shard_step(opt: SophiaG) -> list[torch.Tensor]:
-    return functional_step(opt, local=True)
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -249,52 +204,42 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     result: dict[str, Any] = {}
-    # 1. FSDP_REFRESH's schedule (the refresh routes that work on DTensors), stepping
-    #    through the foreach functional path; FSDP2 reduce-scatters the mean gradient.
-    model = _shard(make_model())
-    opt = SophiaG(model.parameters(), **HP, foreach=True)
+    # 1. FSDP_REFRESH's schedule (the refresh routes that work on DTensors) through
+    #    SophiaG.step on every path; FSDP2 reduce-scatters the mean gradient.
+    result["runs"], result["wins"], result["diagnostics"] = {}, {}, {}
+    for name, kw in PATHS.items():
+        model = _shard(make_model())
+        opt = SophiaG(model.parameters(), **HP, **kw)
+        wins: list[float] = []
+
+        def step(o: SophiaG, wins: list[float] = wins) -> None:
+            o.step()
+            wins.append(float(o.param_groups[0]["sophia_state"]["win_rate"]))
+
+        run_schedule(model, model, opt, rank, world, step=step, refresh=FSDP_REFRESH)
+        result["runs"][name] = snapshot(opt, _full)
+        result["wins"][name] = wins
+        result["diagnostics"][name] = opt.diagnostics()
+        if name == "foreach":
+            model_f, opt_f = model, opt
+    model, opt = model_f, opt_f
     params = list(model.parameters())
     result["param_types"] = [type(p).__name__ for p in params]
-    placements_ok = []
-    wins: list[torch.Tensor] = []
-    result["schedule_error"] = _attempt(
-        lambda: run_schedule(
-            model,
-            model,
-            opt,
-            rank,
-            world,
-            step=lambda o: wins.extend(local_shard_step(o)),
-            refresh=FSDP_REFRESH,
+    result["placements_ok"] = [
+        all(
+            isinstance(opt.state[p][k], DTensor)
+            and opt.state[p][k].placements == p.placements
+            and opt.state[p][k].device_mesh == p.device_mesh
+            and opt.state[p][k].to_local().shape == p.to_local().shape
+            for k in ("exp_avg", "hessian")
         )
-    )
-    result["wins"] = [int(w) for w in wins]
-    for p in params:
-        st = opt.state[p]
-        placements_ok.append(
-            all(
-                isinstance(st[k], DTensor)
-                and st[k].placements == p.placements
-                and st[k].device_mesh == p.device_mesh
-                and st[k].to_local().shape == p.to_local().shape
-                for k in ("exp_avg", "hessian")
-            )
-        )
-    result["placements_ok"] = placements_ok
+        for p in params
+    ]
     result["local_numel"] = [p.to_local().numel() for p in params]
-    result["run"] = snapshot(opt, _full)
     result["local"] = {
         "param": [p.detach().to_local().clone() for p in params],
         "exp_avg": [opt.state[p]["exp_avg"].to_local().clone() for p in params],
     }
-
-    # 1b. the same schedule through SophiaG.step itself (fails today: see the report)
-    model_s = _shard(make_model())
-    opt_s = SophiaG(model_s.parameters(), **HP, foreach=True)
-    result["step_run_error"] = _attempt(
-        lambda: run_schedule(model_s, model_s, opt_s, rank, world, refresh=FSDP_REFRESH)
-    )
-    result["step_run"] = None if result["step_run_error"] else snapshot(opt_s, _full)
 
     # 2. checkpoint round trip through torch.distributed.checkpoint's helpers, sharded
     #    (DTensor values) and full (plain tensors), into a fresh model and optimizer
@@ -308,15 +253,7 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         set_model_state_dict(m, msd)
         return m, o
 
-    def primed() -> tuple[nn.Module, SophiaG]:
-        # set_optimizer_state_dict initialises an empty optimizer with a zero-lr step(),
-        # which fails on DTensors today (failures["load_into_fresh"]); a state-creating
-        # zero refresh (h <- b2 * 0 + (1 - b2) * 0) avoids that step
-        m, o = fresh()
-        o.update_hessian(hessian=[torch.zeros_like(p) for p in m.parameters()])
-        return m, o
-
-    model2, opt2 = primed()
+    model2, opt2 = fresh()
     set_optimizer_state_dict(model2, opt2, sd)
     equal = []
     for p, p2 in zip(params, model2.parameters()):
@@ -338,7 +275,7 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         k: {kk: vv.clone() for kk, vv in v.items() if torch.is_tensor(vv)}
         for k, v in full_sd["state"].items()
     }
-    model3, opt3 = primed()
+    model3, opt3 = fresh()
     set_optimizer_state_dict(model3, opt3, full_sd, options=full_opts)
     result["full_ckpt_equal"] = [
         torch.equal(opt.state[p][k].to_local(), opt3.state[p3][k].to_local())
@@ -347,35 +284,25 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         for k in ("exp_avg", "hessian")
     ]
 
-    # 3. what does not work yet (each on a fresh model and optimizer): recorded, not raised
+    # 3. what must refuse, loudly: the logits route cannot estimate FSDP2 parameters
+    #    (they are not in the forward's autograd graph), and a state sharded unlike
+    #    its parameter cannot be updated shard by shard
     n = BATCH // world
-    x, y, y_hat = (v[rank * n : (rank + 1) * n] for v in global_batch(0))
-    failures: dict[str, str | None] = {}
-    m, o = fresh()
-    F.cross_entropy(m(x), y).backward()  # the functional foreach body on the DTensors themselves
-    failures["functional_foreach"] = _attempt(lambda: functional_step(o))
-    m, o = fresh()
-    failures["load_into_fresh"] = _attempt(lambda: set_optimizer_state_dict(m, o, sd))
-    for name, kw in {"forloop": {"foreach": False}, "fused": {"fused": True}}.items():
-        m = _shard(make_model())
-        o = SophiaG(m.parameters(), **HP, **kw)
-        F.cross_entropy(m(x), y).backward()
-        failures[f"step_{name}"] = _attempt(o.step)
+    x, _, y_hat = (v[rank * n : (rank + 1) * n] for v in global_batch(0))
     m = _shard(make_model())
     o = SophiaG(m.parameters(), **HP, foreach=True)
-    # the logits route cannot work under FSDP2 (the sharded parameters are not in the
-    # forward's autograd graph): it must refuse, loudly
     result["logits_route_error"] = _attempt(lambda: o.update_hessian(logits=m(x), labels=y_hat))
-    # ... and so must the estimator itself: without the all-reduce it returns zeros today
-    hs: list[torch.Tensor] = []
-    err = _attempt(
-        lambda: hs.extend(gnb(m(x), list(m.parameters()), labels=y_hat, average_across_ranks=False))
+    result["gnb_error"] = _attempt(
+        lambda: gnb(m(x), list(m.parameters()), labels=y_hat, average_across_ranks=False)
     )
-    zero = err is None and all(bool((h.to_local() == 0).all()) for h in hs)
-    failures["gnb_refuses_sharded_params"] = (
-        "gnb returned an all-zero estimate for FSDP2 parameters, without an error" if zero else None
+    F.cross_entropy(m(x), y_hat).backward()
+    p0 = next(m.parameters())
+    o.state[p0]["exp_avg"] = torch.zeros(p0.shape)  # a plain, unsharded tensor
+    before = [p.detach().full_tensor().clone() for p in m.parameters()]
+    result["plain_state_error"] = _attempt(o.step)
+    result["plain_state_params_unchanged"] = all(
+        torch.equal(p.detach().full_tensor(), b) for p, b in zip(m.parameters(), before)
     )
-    result["failures"] = failures
     torch.save(result, os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
 
 

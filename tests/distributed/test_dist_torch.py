@@ -103,55 +103,59 @@ def test_ddp_matches_single_process_on_concatenated_batch(ddp, references):
 
 def test_fsdp2_state_is_sharded_like_the_parameters(fsdp):
     r0, r1 = fsdp
-    assert r0["schedule_error"] is None, r0["schedule_error"]
     assert r0["param_types"] == ["DTensor"] * 4
     # exp_avg and hessian are DTensors on the parameter's mesh with its placements and
     # its local shard shape: no gather to one rank, no replicated copy
     assert r0["placements_ok"] == [True] * 4 and r1["placements_ok"] == [True] * 4
-    full = [p.numel() for p in r0["run"]["param"]]
+    full = [p.numel() for p in r0["runs"]["foreach"]["param"]]
     assert [a + b for a, b in zip(r0["local_numel"], r1["local_numel"])] == full
     assert r0["local_numel"] != full  # really sharded (the 5-row head unevenly: 3 + 2 rows)
-
-
-def test_fsdp2_local_shard_step_matches_ddp_and_single_process(fsdp, ddp, references):
-    """The foreach body on each rank's local shards (distworker.local_shard_step: the
-    workaround for SophiaG.step on FSDP2 and the approach of the proposed patch), with h
-    refreshed by update_hessian() and update_hessian(hessian=[DTensors]) from FSDP2's
-    reduce-scattered gradients."""
-    _, ranks = ddp
-    for r in fsdp:
-        assert r["schedule_error"] is None, r["schedule_error"]
-        assert r["wins"] == fsdp[0]["wins"]  # the summed win count is global
-    ref = references["fsdp_schedule"]
-    n_total = sum(p.numel() for p in ref["param"])
-    assert abs(fsdp[0]["wins"][-1] / n_total - float(ref["group"]["win_rate"])) <= 1 / n_total
-    for run in (fsdp[0]["run"], fsdp[1]["run"]):
-        _assert_close(run, references["fsdp_schedule"], "FSDP2 vs one process")
-        _assert_close(run, ranks[0]["fsdp_schedule"], "FSDP2 vs DDP")
-    # the shards themselves: each rank's local piece is the piece of the gathered tensor
+    # each rank's local piece is that rank's rows of the gathered tensor
     for key in ("param", "exp_avg"):
-        for i, full in enumerate(fsdp[0]["run"][key]):
+        for i, gathered in enumerate(r0["runs"]["foreach"][key]):
             pieces = torch.cat([fsdp[r]["local"][key][i] for r in (0, 1)])
-            assert torch.equal(pieces, full), (key, i)
+            assert torch.equal(pieces, gathered), (key, i)
 
 
-def test_fsdp2_sophiag_step_matches_single_process(fsdp, references):
-    """SophiaG.step (foreach) on FSDP2 parameters: xfail while it raises, checked once it runs."""
-    errors = [r["step_run_error"] for r in fsdp if r["step_run_error"]]
-    if errors:
-        pytest.xfail(f"SophiaG.step fails on DTensor parameters; rank 0: {errors[0]}")
+@pytest.mark.parametrize("path", list(W.PATHS))
+def test_fsdp2_step_matches_ddp_and_single_process(fsdp, ddp, references, path):
+    """SophiaG.step on DTensor parameters, h refreshed by update_hessian() and
+    update_hessian(hessian=[DTensors]) from FSDP2's reduce-scattered gradients."""
+    _, ranks = ddp
     ref = references["fsdp_schedule"]
-    for r in fsdp:
-        _assert_close(r["step_run"], ref, "FSDP2 SophiaG.step vs one process")
-        for k, v in r["step_run"]["group"].items():
-            assert torch.equal(v, fsdp[0]["step_run"]["group"][k]), k
     n_total = sum(p.numel() for p in ref["param"])
-    win = float(fsdp[0]["step_run"]["group"]["win_rate"])
-    assert abs(win - float(ref["group"]["win_rate"])) <= 1 / n_total
+    for r in fsdp:
+        run = r["runs"][path]
+        _assert_close(run, ref, f"FSDP2 {path} vs one process")
+        _assert_close(run, ranks[0]["fsdp_schedule"], f"FSDP2 {path} vs DDP")
+        for k, v in run["group"].items():
+            assert torch.equal(v, fsdp[0]["runs"][path]["group"][k]), (path, k)
+        # the win rate is global: the same on every rank, every step, and the one-process one
+        assert r["wins"][path] == fsdp[0]["wins"][path]
+    assert abs(fsdp[0]["wins"][path][-1] - float(ref["group"]["win_rate"])) <= 1 / n_total
+    # every path gives the foreach path's parameters and state, to the bit
+    for key in ("param", "exp_avg", "hessian"):
+        for a, b in zip(fsdp[0]["runs"][path][key], fsdp[0]["runs"]["foreach"][key]):
+            assert torch.equal(a, b), (path, key)
+
+
+def test_fsdp2_diagnostics_are_global_plain_tensors(fsdp):
+    for path in W.PATHS:
+        for r in fsdp:
+            (d,) = r["diagnostics"][path]
+            types = {k: type(v).__name__ for k, v in d.items()}
+            assert set(types.values()) == {"Tensor"}, types
+            for k, v in d.items():
+                assert torch.equal(v, fsdp[0]["diagnostics"][path][0][k]), (path, k)
+        run = fsdp[0]["runs"][path]
+        (d,) = fsdp[0]["diagnostics"][path]
+        for key, norm in (("hessian", "hessian_norm"), ("exp_avg", "momentum_norm")):
+            want = torch.linalg.vector_norm(torch.cat([t.flatten() for t in run[key]]))
+            torch.testing.assert_close(d[norm], want, rtol=1e-6, atol=0)
 
 
 def test_fsdp2_checkpoint_round_trip(fsdp):
-    """get_/set_optimizer_state_dict, sharded and full, into a second FSDP2 model."""
+    """get_/set_optimizer_state_dict, sharded and full, into a fresh FSDP2 model and SophiaG."""
     for r in fsdp:
         assert r["sd_exp_avg_types"] == ["DTensor"]
         assert all(r["ckpt_equal"]), r["ckpt_equal"]  # params, state, sophia_state
@@ -160,39 +164,30 @@ def test_fsdp2_checkpoint_round_trip(fsdp):
     r0 = fsdp[0]
     for key in ("exp_avg", "hessian"):
         got = [v[key] for v in r0["full_sd"].values()]
-        for a, b in zip(got, r0["run"][key], strict=True):
+        for a, b in zip(got, r0["runs"]["foreach"][key], strict=True):
             assert torch.equal(a, b)
 
 
 def test_fsdp2_logits_refresh_refuses_loudly(fsdp):
-    """update_hessian(logits=...) cannot estimate sharded parameters; it must not pass silently.
+    """update_hessian(logits=...) and gnb cannot estimate FSDP2's sharded parameters.
 
     Under FSDP2 the sharded DTensor parameters are not in the forward's autograd graph
     (FSDP2 all-gathers them outside autograd and reduce-scatters the unsharded
     gradients into ``.grad`` in its post-backward hooks), so ``torch.autograd.grad``
-    returns ``None`` for every one of them. Today the call fails in the all-reduce of
-    the zero-filled DTensor gradients; it must keep failing rather than store a zero
-    estimate. The FSDP2 route is ``update_hessian()`` after a sampled-label backward.
+    returns ``None`` for every one of them. A zero estimate would pass silently; the
+    error names the FSDP2 route instead: a sampled-label backward, then
+    ``update_hessian()``.
     """
     for r in fsdp:
-        assert r["logits_route_error"] is not None
+        for key in ("logits_route_error", "gnb_error"):
+            err = r[key]
+            assert err is not None and err.startswith("ValueError"), (key, err)
+            assert "fully_shard" in err and "update_hessian()" in err, err
 
 
-#: What fails on FSDP2 DTensor parameters with sophia/torch as it is (torch 2.13.0, gloo),
-#: and why. Each is reported as xfail while it fails and as a failure once it works
-#: (then remove it from here); an error in the worker itself is an error, not an xfail.
-KNOWN_FAILURES = {
-    "functional_foreach": "the CPU foreach body mixes DTensors with plain cached block buffers",
-    "step_forloop": "the for-loop body mixes DTensors with plain buffers and 0-dim tensors",
-    "step_fused": "the fused path flattens unevenly sharded DTensors (reshape(-1))",
-    "load_into_fresh": "set_optimizer_state_dict's zero-lr step() on a fresh optimizer fails",
-    "gnb_refuses_sharded_params": "autograd.grad gives None for FSDP2 shards: zeros returned",
-}
-
-
-@pytest.mark.parametrize("piece", list(KNOWN_FAILURES))
-def test_fsdp2_known_failures(fsdp, piece):
-    problems = [r["failures"][piece] for r in fsdp if r["failures"][piece] is not None]
-    if problems:
-        pytest.xfail(f"{KNOWN_FAILURES[piece]}; rank 0: {problems[0]}")
-    pytest.fail(f"{piece} works now: remove it from KNOWN_FAILURES and test it properly")
+def test_fsdp2_state_sharded_unlike_its_parameter_is_refused(fsdp):
+    for r in fsdp:
+        err = r["plain_state_error"]
+        assert err is not None and err.startswith("ValueError"), err
+        assert "exp_avg of parameter 0" in err and "same placements" in err, err
+        assert r["plain_state_params_unchanged"]
