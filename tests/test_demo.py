@@ -382,14 +382,19 @@ def test_cli_flags_override_the_preset():
         cli.main(["--steps", "0"])
 
 
-def test_cli_reports_a_missing_torch_backend(monkeypatch, capsys):
+def test_cli_reports_a_missing_backend(monkeypatch, capsys):
     real = importlib.util.find_spec
+    missing = {"sophia.demo.train_torch"}
 
     def find_spec(name, *args):
-        return None if name == "sophia.demo.train_torch" else real(name, *args)
+        return None if name in missing else real(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     for fw in ("torch", "both"):
         assert cli.main(["--framework", fw, "--preset", "tiny", "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "not available yet" in err and "--framework jax" in err
+        assert "missing from this installation" in err and "--framework jax" in err
+    # torch itself not installed: the extra to install
+    missing.add("torch")
+    assert cli.main(["--framework", "torch", "--preset", "tiny", "--no-progress"]) == 2
+    assert "pip install 'sophiag[torch,demo]'" in capsys.readouterr().err

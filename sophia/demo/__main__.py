@@ -3,6 +3,8 @@
 Examples::
 
     python -m sophia.demo                          # the default run, JAX, a few minutes on a CPU
+    python -m sophia.demo --framework torch        # the same run in PyTorch
+    python -m sophia.demo --framework both         # JAX then PyTorch: one table per framework
     python -m sophia.demo --preset tiny            # seconds: a smoke test
     python -m sophia.demo --preset gpt2-small      # the paper's model shape, for an accelerator
     python -m sophia.demo --text input.txt         # any text file instead of the stdlib source
@@ -50,7 +52,12 @@ def parser() -> argparse.ArgumentParser:
         "time per step, Hessian-refresh overhead, optimizer memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
+    p.add_argument(
+        "--framework",
+        choices=("jax", "torch", "both"),
+        default="jax",
+        help="backend; 'both' runs JAX then PyTorch from the same weights and batches",
+    )
     p.add_argument(
         "--preset",
         choices=tuple(PRESETS),
@@ -168,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_comparison(cfg, frameworks, args.out, progress=not args.no_progress)
     except BackendUnavailable as e:
+        # a framework that is not installed (e.g. sophiag[jax,demo] without torch)
         print(f"sophia-demo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -452,7 +452,7 @@ def train(
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested framework's backend cannot be imported (yet)."""
+    """The requested framework, its Sophia port or its demo backend cannot be imported."""
 
 
 def load_backend(framework: str) -> Any:
@@ -471,18 +471,16 @@ def load_backend(framework: str) -> Any:
         except ImportError:
             found = False
         if not found:
-            hint = (
-                "the torch port of SophiaG (sophia.torch) is not available yet; "
-                "run with --framework jax"
-                if mod == "sophia.torch"
-                else f"install it (pip install 'sophiag[{framework},demo]')"
+            raise BackendUnavailable(
+                f"--framework {framework}: {mod} is not importable: install it "
+                f"(pip install 'sophiag[{framework},demo]')"
             )
-            raise BackendUnavailable(f"--framework {framework}: {mod} is not importable: {hint}")
     name = f"sophia.demo.train_{framework}"
     if importlib.util.find_spec(name) is None:
+        others = " or ".join(f"--framework {fw}" for fw in FRAMEWORKS if fw != framework)
         raise BackendUnavailable(
-            f"--framework {framework}: the demo's {framework} backend ({name}) is not available "
-            "yet; run with --framework jax"
+            f"--framework {framework}: the demo's {framework} backend ({name}) is missing from "
+            f"this installation; run with {others}"
         )
     return importlib.import_module(name)
 
