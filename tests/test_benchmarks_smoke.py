@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [
     "sophia_g",
+    "sophia_g_fast",
     "sophia_g_refresh",
     "sophia_g_interval",
     "adamw",
@@ -61,5 +62,6 @@ def test_step_time_small_writes_every_figure(tmp_path):
     assert res["targets"] == {"sophia_over_adamw": 0.75, "sophia_over_floor": 1.15}
 
     printed = proc.stdout
-    for word in ("machine:", "sophia/adamw", "sophia/floor", "floor", *VARIANTS):
+    for word in ("machine:", "sophia/adamw", "sophia/floor", "sophia_fast/adamw", "floor",
+                 *VARIANTS):  # fmt: skip
         assert word in printed, word

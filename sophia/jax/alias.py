@@ -54,6 +54,7 @@ def sophia_g(
     mu_dtype: Any | None = None,
     seed: int | jax.Array = 0,
     axis_name: str | None = None,
+    step_diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SophiaG with the Gauss-Newton-Bartlett Hessian estimator.
 
@@ -100,6 +101,10 @@ def sophia_g(
         mapped axis, the estimator averages over it so that every replica holds
         the global estimate (average the gradients over the same axis yourself,
         as usual). Leave ``None`` under plain ``jit`` with sharded arrays.
+      step_diagnostics: compute the win rate and momentum norm at every step;
+        ``False`` computes them at Hessian refreshes only and makes the plain
+        step about a third faster where memory bandwidth bounds it (see
+        :func:`sophia.jax.scale_by_sophia`).
 
     Returns:
       The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
@@ -134,6 +139,7 @@ def sophia_g(
             dynamic=dynamic,
             mu_dtype=mu_dtype,
             seed=seed,
+            step_diagnostics=step_diagnostics,
         ),
         add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -156,6 +162,7 @@ def sophia_h(
     mu_dtype: Any | None = None,
     seed: int | jax.Array = 0,
     axis_name: str | None = None,
+    step_diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia-H: :func:`sophia_g`'s update with the Hutchinson estimator.
 
@@ -182,6 +189,7 @@ def sophia_h(
       mu_dtype: dtype of the momentum.
       seed: seed or PRNG key of the Rademacher probes.
       axis_name: mapped axis the batch is split along (see :func:`sophia_g`).
+      step_diagnostics: see :func:`sophia_g`.
 
     Returns:
       The optimizer, an :class:`optax.GradientTransformationExtraArgs`.
@@ -202,4 +210,5 @@ def sophia_h(
         mu_dtype=mu_dtype,
         seed=seed,
         axis_name=axis_name,
+        step_diagnostics=step_diagnostics,
     )

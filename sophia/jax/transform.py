@@ -41,12 +41,18 @@ class ScaleBySophiaState(NamedTuple):
       hessian: the diagonal-Hessian EMA :math:`h`.
       key: PRNG key of the built-in estimator; split once per refresh.
       rho: the current :math:`\rho` (moves only with ``dynamic=True``).
-      win_rate: fraction of coordinates with ``r < 1`` in the last step.
+      win_rate: fraction of coordinates with ``r < 1`` in the last step (with
+        ``step_diagnostics=False``: in the last step before the latest refresh).
       hessian_norm: L2 norm of :math:`h`, updated at each refresh.
-      momentum_norm: L2 norm of :math:`m` after the last step.
+      momentum_norm: L2 norm of :math:`m` after the last step (with
+        ``step_diagnostics=False``: as of the latest refresh).
       b2: the Hessian EMA rate in force (kept for :func:`update_hessian`).
       rho0: the configured :math:`\rho`, the centre of the dynamic bounds.
       dynamic: whether the dynamic-rho rule is on.
+      bs: the configured ``bs`` (kept for :func:`update_hessian`).
+      eps: the configured ``eps`` (kept for :func:`update_hessian`).
+      step_diagnostics: whether every step computes ``win_rate`` and
+        ``momentum_norm``.
     """
 
     count: jax.Array
@@ -60,6 +66,9 @@ class ScaleBySophiaState(NamedTuple):
     b2: jax.Array
     rho0: jax.Array
     dynamic: jax.Array
+    bs: jax.Array
+    eps: jax.Array
+    step_diagnostics: jax.Array
 
 
 def _cd(dtype: Any) -> jnp.dtype:
@@ -78,8 +87,62 @@ def _sq_norm(tree: optax.Updates, dtype: jnp.dtype) -> jax.Array:
     return sum(sq, jnp.zeros([], dtype))
 
 
+def _step_leaves(
+    mus: list[jax.Array], hs: list[jax.Array], rho: jax.Array, bs: Any, eps: Any
+) -> list[tuple[Any, ...]]:
+    """``(m, h, (rho * bs, eps))`` per leaf in its compute dtype, as the diagnostics take them."""
+    leaves = []
+    for m, h in zip(mus, hs, strict=True):
+        cd = _cd(h.dtype)
+        leaves.append((m.astype(cd), h, (rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))))
+    return leaves
+
+
+def _win_rate_and_norm(
+    leaves: list[tuple[Any, ...]], n_total: int, sd: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """The win rate and the momentum norm of ``leaves`` (see :func:`_diagnostics`)."""
+    # Compiled for XLA:CPU, the diagnostics take the chunked route of _diagnostics.
+    # Run op by op they stay plain reductions: the loop there would be compiled
+    # as a whole, and XLA:CPU contracts a*b+c into fused multiply-adds inside a
+    # compiled computation, so the count could drift from the op-by-op update.
+    staged = any(isinstance(x, jax.core.Tracer) for leaf in leaves for x in leaf[:2])
+    if staged and jax.default_backend() == "cpu":
+        n_clipped, msq = _diagnostics(leaves, sd)
+    else:
+        n_clipped, msq = _plain_diagnostics(leaves, sd)
+    n_win = jnp.asarray(n_total, jnp.int32) - n_clipped
+    # The barrier keeps XLA from turning the division into a product with a rounded
+    # reciprocal of the constant, which is not the correctly rounded quotient.
+    total = jax.lax.optimization_barrier(jnp.asarray(max(n_total, 1), sd))
+    return n_win.astype(sd) / total, jnp.sqrt(msq)
+
+
+def _catch_up_diagnostics(state: ScaleBySophiaState) -> ScaleBySophiaState:
+    """Without per-step diagnostics: those of the last step, from the state, before a refresh.
+
+    ``r`` depends only on the stored ``m``, ``h``, ``rho``, ``bs`` and ``eps``, all
+    unchanged since that step, so this is the win rate the step would have
+    recorded (bit for bit, unless ``mu_dtype`` rounds the stored momentum), and
+    the dynamic-rho rule sees the same value either way. The momentum norm is
+    the same up to the order of its float sum.
+    """
+
+    def recompute(s: ScaleBySophiaState) -> ScaleBySophiaState:
+        mus = jax.tree.leaves(s.mu)
+        hs = jax.tree.leaves(s.hessian)
+        leaves = _step_leaves(mus, hs, s.rho, s.bs, s.eps)
+        win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(s.hessian), s.rho.dtype)
+        return s._replace(win_rate=win_rate, momentum_norm=m_norm)
+
+    # nothing to catch up before the first step, or when every step kept them current
+    fresh = state.step_diagnostics | (state.count == 0)
+    return jax.lax.cond(fresh, lambda s: s, recompute, state)
+
+
 def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySophiaState:
     """Applies one Hessian refresh to ``state``: the EMA, then the dynamic-rho rule."""
+    state = _catch_up_diagnostics(state)
 
     def ema(h: jax.Array, hh: jax.Array) -> jax.Array:
         if isinstance(h, optax.MaskedNode):  # a leaf another transform owns (masked)
@@ -125,6 +188,7 @@ def scale_by_sophia(
     dynamic: bool = False,
     mu_dtype: Any | None = None,
     seed: int | jax.Array = 0,
+    step_diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales updates by SophiaG's clipped, Hessian-preconditioned momentum.
 
@@ -162,6 +226,12 @@ def scale_by_sophia(
         :data:`sophia.spec.WIN_RATE_BAND` (rule in :mod:`sophia.spec`).
       mu_dtype: dtype of the momentum; defaults to each parameter's dtype.
       seed: seed or PRNG key of the estimator's label/probe sampling.
+      step_diagnostics: compute the win rate and momentum norm at every step.
+        They take one more pass over ``m`` and ``h`` (a third more memory
+        traffic than the update itself); with ``False`` they are computed at
+        each Hessian refresh instead, for the step before it, which is all the
+        dynamic-rho rule needs. Parameters, state and ``rho`` are the same
+        either way.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`.
@@ -191,6 +261,9 @@ def scale_by_sophia(
             "b2": jnp.asarray(b2, sd),
             "rho0": jnp.asarray(rho, sd),
             "dynamic": jnp.asarray(dynamic, jnp.bool_),
+            "bs": jnp.asarray(bs, sd),
+            "eps": jnp.asarray(eps, sd),
+            "step_diagnostics": jnp.asarray(step_diagnostics, jnp.bool_),
         }
 
     def init_fn(params: optax.Params) -> ScaleBySophiaState:
@@ -244,26 +317,12 @@ def scale_by_sophia(
             new_u.append(jnp.sign(mc) * _clip_ratio(mc, h, *coef))
             new_m.append(mc.astype(m.dtype if mu_dtype is None else mu_dtype))
             leaves.append((mc, h, coef))
-        n_total = optax.tree.size(updates)
-        # Compiled for XLA:CPU, the diagnostics take the chunked route of _diagnostics.
-        # Run op by op they stay plain reductions: the loop there would be compiled
-        # as a whole, and XLA:CPU contracts a*b+c into fused multiply-adds inside a
-        # compiled computation, so the count could drift from the op-by-op update.
-        staged = any(isinstance(x, jax.core.Tracer) for x in (*flat_g, *flat_m, *flat_h))
-        if staged and jax.default_backend() == "cpu":
-            n_clipped, msq = _diagnostics(leaves, sd)
-        else:
-            n_clipped, msq = _plain_diagnostics(leaves, sd)
-        n_win = jnp.asarray(n_total, jnp.int32) - n_clipped
-        # The barrier keeps XLA from turning the division into a product with a rounded
-        # reciprocal of the constant, which is not the correctly rounded quotient.
-        total = jax.lax.optimization_barrier(jnp.asarray(max(n_total, 1), sd))
         new_state = state._replace(
-            count=optax.safe_int32_increment(state.count),
-            mu=treedef.unflatten(new_m),
-            win_rate=n_win.astype(sd) / total,
-            momentum_norm=jnp.sqrt(msq),
+            count=optax.safe_int32_increment(state.count), mu=treedef.unflatten(new_m)
         )
+        if step_diagnostics:
+            win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(updates), sd)
+            new_state = new_state._replace(win_rate=win_rate, momentum_norm=m_norm)
         return treedef.unflatten(new_u), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
