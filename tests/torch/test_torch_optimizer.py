@@ -217,12 +217,12 @@ def test_state_dict_round_trip_resumes_bit_identically(path, via):
     opt2.load_state_dict(sd)
     _run(opt1, p1, 5, seed=2)
     _run(opt2, p2, 5, seed=2)
-    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert all(same(a, b) for a, b in zip(p1, p2))
     for a, b in zip(p1, p2):
         for key in ("step", "exp_avg", "hessian"):
-            assert torch.equal(opt1.state[a][key], opt2.state[b][key])
+            assert same(opt1.state[a][key], opt2.state[b][key])
     d1, d2 = opt1.diagnostics()[0], opt2.diagnostics()[0]
-    assert all(torch.equal(d1[k], d2[k]) for k in d1)
+    assert all(same(d1[k], d2[k]) for k in d1)
 
 
 @pytest.mark.parametrize("ref_capturable", [False, True])
@@ -288,10 +288,10 @@ def test_deepcopy_and_pickle_of_the_optimizer(path):
     _run(opt, params, 2, seed=3)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         cparams = [p for g in clone.param_groups for p in g["params"]]
-        assert all(torch.equal(a, b) for a, b in zip(params, cparams))
+        assert all(same(a, b) for a, b in zip(params, cparams))
         _run(clone, cparams, 2, seed=4)
     _run(opt, params, 2, seed=4)
-    assert all(torch.equal(a, b) for a, b in zip(params, cparams))
+    assert all(same(a, b) for a, b in zip(params, cparams))
 
 
 # ----------------------------------------------------------------------------- dynamic rho
@@ -393,9 +393,9 @@ def test_capturable_compiled_step_fullgraph_matches_eager(path):
                 opt.update_hessian(logits=logits, labels=y)
             torch.nn.functional.cross_entropy(logits, y).backward()
             step()
-    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert all(same(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     d1, d2 = o1.diagnostics()[0], o2.diagnostics()[0]
-    assert all(torch.equal(d1[k], d2[k]) for k in d1)
+    assert all(same(d1[k], d2[k]) for k in d1)
     assert d1["rho"].item() != np.float32(spec.DEFAULTS.rho)  # the dynamic rule ran
 
 

@@ -47,10 +47,15 @@ def n(x):
 
 
 def same(a, b):
-    """Exact equality (NaN == NaN), arrays or tensors."""
+    """Exact equality, arrays or tensors: NaN == NaN, and -0 != +0 (the sign bit counts)."""
     a = n(a) if isinstance(a, torch.Tensor) else np.asarray(a)
     b = n(b) if isinstance(b, torch.Tensor) else np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+    if not (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)):
+        return False
+    if not np.issubdtype(a.dtype, np.floating):
+        return True
+    numbers = ~np.isnan(a)
+    return np.array_equal(np.signbit(a[numbers]), np.signbit(b[numbers]))
 
 
 def ref_update(theta, g, m, h, storage=None, **kw):
