@@ -405,3 +405,35 @@ def test_capturable_keeps_steps_on_the_parameter_device():
     opt = SophiaG([p], capturable=True)
     opt.step()
     assert opt.state[p]["step"].device == p.device
+
+
+@path_param
+def test_grad_scaler_unscales_and_skips_non_finite_steps(path):
+    """torch.amp.GradScaler drives SophiaG like AdamW: unscaled steps, inf/NaN steps skipped."""
+    leaves = random_state(9, [(6, 4), (5,)], np.float32, h_scale=0.1)
+    o_ref, p_ref = make_optimizer_with_state(leaves, **HP, **PATHS[path])
+    o_amp, p_amp = make_optimizer_with_state(leaves, **HP, **PATHS[path])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    grads = [p.grad.clone() for p in p_amp]
+
+    def backward(gs):  # a loss whose gradient is gs, scaled (by a power of 2: exact)
+        o_amp.zero_grad(set_to_none=True)
+        scaler.scale(sum((p * g).sum() for p, g in zip(p_amp, gs))).backward()
+
+    backward(grads)
+    o_ref.step()
+    scaler.step(o_amp)
+    scaler.update()
+    assert all(same(a, b) for a, b in zip(p_ref, p_amp))
+    for a, b in zip(p_ref, p_amp):
+        for key in ("exp_avg", "hessian", "step"):
+            assert same(o_ref.state[a][key], o_amp.state[b][key]), key
+    before = [p.detach().clone() for p in p_amp]
+    state_before = {k: [o_amp.state[p][k].clone() for p in p_amp] for k in ("exp_avg", "step")}
+    backward([torch.full_like(grads[0], float("inf")), torch.full_like(grads[1], float("nan"))])
+    scaler.step(o_amp)
+    scaler.update()
+    assert all(same(a, b) for a, b in zip(before, p_amp))  # skipped: nothing moved
+    for k, vals in state_before.items():
+        assert all(same(v, o_amp.state[p][k]) for v, p in zip(vals, p_amp)), k
+    assert scaler.get_scale() == 2.0**9  # and the scaler backed off
