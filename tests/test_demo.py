@@ -398,3 +398,60 @@ def test_cli_reports_a_missing_backend(monkeypatch, capsys):
     missing.add("torch")
     assert cli.main(["--framework", "torch", "--preset", "tiny", "--no-progress"]) == 2
     assert "pip install 'sophiag[torch,demo]'" in capsys.readouterr().err
+
+
+def test_jax_sophia_refresh_is_gnb_over_every_label_of_the_batch():
+    """The demo's SophiaG: ``bs`` equals the labels behind the mean loss the GNB differentiates.
+
+    One update with ``k=1`` refreshes ``h`` from zero, so ``h == (1 - b2) * g_hat**2``
+    with ``g_hat`` the gradient, at the pre-update parameters, of the mean
+    cross-entropy of the *whole* batch against labels sampled from the model's
+    softmax (the key the optimizer's seed gives); and the state's ``bs`` is that
+    batch's label count, ``cfg.tokens_per_step``. A ``bs`` set from the
+    sequence count, or an estimate over part of the batch, fails here.
+    """
+    import sophia.jax as sj
+
+    cfg = dataclasses.replace(TINY, sophia=dataclasses.replace(TINY.sophia, k=1))
+    trainer = train_jax.make_trainer(cfg, cfg.sophia)
+    params0 = trainer.params
+    sampler = data.BatchSampler(
+        np.arange(5000, dtype=np.int64).astype(np.uint8) * 7,
+        cfg.batch_size,
+        cfg.model.block_size,
+        seed=0,
+    )
+    x, y = sampler.next()
+    trainer.step(x, y)
+    (state,) = [
+        s
+        for s in jax.tree.leaves(
+            trainer.opt_state, is_leaf=lambda s: isinstance(s, sj.ScaleBySophiaState)
+        )
+        if isinstance(s, sj.ScaleBySophiaState)
+    ]
+    assert float(state.bs) == cfg.tokens_per_step == y.size
+    forward = model_jax.make_apply(cfg.model)
+    _, sub = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    logits = forward(params0, jnp.asarray(x))
+    labels = jax.random.categorical(sub, logits, axis=-1)
+    assert labels.size == cfg.tokens_per_step
+    g_hat = jax.grad(lambda p: model_jax.cross_entropy(forward(p, jnp.asarray(x)), labels))(params0)
+    b2 = cfg.sophia.b2
+    for got, g in zip(jax.tree.leaves(state.hessian), jax.tree.leaves(g_hat), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got), (1 - b2) * np.square(np.asarray(g)), rtol=2e-3, atol=1e-14
+        )
+
+
+def test_cli_sophia_b2_and_grad_clip_flags():
+    """``--sophia-b2`` and ``--grad-clip`` (the knobs of docs/demo_findings.md) reach the config."""
+    cfg = cli.build_config(
+        cli.parser().parse_args(["--preset", "tiny", "--sophia-b2", "0.9", "--grad-clip", "2.5"])
+    )
+    tiny = train.PRESETS["tiny"]
+    assert cfg.sophia.b2 == 0.9 and cfg.grad_clip == 2.5
+    assert cfg.adamw == tiny.adamw and cfg.sophia.rho == tiny.sophia.rho
+    for bad in (["--sophia-b2", "1.0"], ["--grad-clip", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["--preset", "tiny", *bad])

@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int)
     g.add_argument("--n-embd", type=int)
     g.add_argument("--warmup", type=int, help="warm-up steps")
+    g.add_argument("--grad-clip", type=float, help="global-norm gradient clipping (both)")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-batches", type=int)
     g.add_argument("--seed", type=int)
@@ -85,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--sophia-lr", type=float, help="SophiaG peak learning rate")
     o.add_argument("--rho", type=float, help="SophiaG rho")
     o.add_argument("--hessian-interval", type=int, help="SophiaG k (Hessian refresh interval)")
+    o.add_argument("--sophia-b2", type=float, help="SophiaG b2 (EMA rate of the Hessian)")
     o.add_argument("--adamw-lr", type=float, help="AdamW peak learning rate")
     s = p.add_argument_group("sweep")
     s.add_argument(
@@ -117,7 +119,12 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         },
     )
     sophia = cfg.sophia
-    for field, value in (("lr", args.sophia_lr), ("rho", args.rho), ("k", args.hessian_interval)):
+    for field, value in (
+        ("lr", args.sophia_lr),
+        ("rho", args.rho),
+        ("k", args.hessian_interval),
+        ("b2", args.sophia_b2),
+    ):
         if value is not None:
             sophia = dataclasses.replace(sophia, **{field: value})
     adamw = cfg.adamw if args.adamw_lr is None else dataclasses.replace(cfg.adamw, lr=args.adamw_lr)
@@ -125,6 +132,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
+        "grad_clip": args.grad_clip,
         "eval_interval": args.eval_interval,
         "eval_batches": args.eval_batches,
         "seed": args.seed,
@@ -145,6 +153,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             )
     if cfg.warmup < 0:
         raise ValueError(f"Invalid --warmup: {cfg.warmup} (allowed: >= 0)")
+    if not 0.0 <= cfg.sophia.b2 < 1.0:
+        raise ValueError(f"Invalid --sophia-b2: {cfg.sophia.b2} (allowed: 0 <= b2 < 1)")
+    if cfg.grad_clip <= 0:
+        raise ValueError(f"Invalid --grad-clip: {cfg.grad_clip} (allowed: > 0)")
     if cfg.sophia.k < 1:
         raise ValueError(f"Invalid --hessian-interval: {cfg.sophia.k} (allowed: >= 1)")
     return cfg
