@@ -18,7 +18,10 @@ HP_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dy
 
 
 def ulp_diff(a, b):
-    """Largest distance in units in the last place between two same-dtype arrays."""
+    """Largest distance in units in the last place between two same-dtype arrays.
+
+    Bit patterns count: -0 and +0 are 1 apart, so 0 means bit-identical (NaNs aside).
+    """
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype, (a.dtype, b.dtype)
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -27,9 +30,9 @@ def ulp_diff(a, b):
     ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
     bits = 8 * a.dtype.itemsize
 
-    def ordered(x):  # IEEE bit patterns mapped to a monotonic integer line
+    def ordered(x):  # IEEE bit patterns on a monotonic integer line, -0 one below +0
         i = x.view(ints).astype(object)
-        return np.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+        return np.where(i < 0, -(i & ((1 << (bits - 1)) - 1)) - 1, i)
 
     return int(np.max(np.abs(ordered(a) - ordered(b))))
 

@@ -64,9 +64,9 @@ def _ulp_diff(a, b):
         return 0
     ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
 
-    def ordered(x):  # IEEE bit patterns mapped to a monotonic integer line
+    def ordered(x):  # IEEE bit patterns on a monotonic integer line, -0 one below +0
         i = x.view(ints).astype(object)
-        return np.where(i < 0, -(i & ((1 << (8 * a.dtype.itemsize - 1)) - 1)), i)
+        return np.where(i < 0, -(i & ((1 << (8 * a.dtype.itemsize - 1)) - 1)) - 1, i)
 
     return int(np.max(np.abs(ordered(a) - ordered(b))))
 
