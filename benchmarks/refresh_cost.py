@@ -1,0 +1,404 @@
+"""Hessian-refresh cost in the demo's training step: SophiaG plain and refresh steps vs AdamW.
+
+Run as ``./dev bench refresh_cost`` or ``.venv/bin/python benchmarks/refresh_cost.py``
+(issue #6: with forward reuse a refresh should cost about one extra backward;
+target: SophiaG's average step at ``k = 10`` at most 1.08x AdamW's).
+
+For the demo GPT of a :data:`sophia.demo.train.PRESETS` entry (``--preset``,
+default ``default``; ``--small`` is the ``tiny`` preset, for a smoke test) and
+for each framework (``--framework jax|torch|both``), one run times complete
+training steps exactly as the demo trains: each sample is one call of the
+backend's ``Trainer.step(x, y)`` (:class:`sophia.demo.train_jax.JaxTrainer`,
+:class:`sophia.demo.train_torch.TorchTrainer`), the call the demo's loop times,
+i.e. host-to-device copy of the batch, forward, backward, global-norm clipping,
+the optimizer update (with the learning-rate schedule and the decay mask) and
+the wait for the loss. The variants:
+
+* ``adamw``: the preset's AdamW trainer;
+* ``sophia_plain`` and ``sophia_refresh``: one SophiaG trainer of the preset
+  with ``k = 2``, so its steps alternate refresh (``step % k == 0``), plain,
+  refresh, ... and both are the same compiled step (JAX: the ``lax.cond`` of
+  the built-in refresh; torch: ``update_hessian(logits=...)`` on the training
+  forward's logits), exactly what a ``k = 10`` run executes on its refresh
+  and plain steps. A refresh reuses the training forward: it samples labels
+  from the logits and runs one extra backward (GNB). During the warm-up the
+  Hessian norm is checked to change on refresh steps and only on them;
+* ``fwd_bwd``: the training step's forward and backward alone (JAX: the
+  ``jax.vjp`` + ``value_and_grad`` of ``JaxTrainer``'s step, jitted with the
+  demo's compiler options, the gradient returned; torch: ``model(x)``, the
+  loss, ``backward()``), with the same batch conversion, and no optimizer;
+* ``forward``: the forward and the loss alone (torch: with autograd recording,
+  as in training), so ``fwd_bwd - forward`` estimates one backward.
+
+The variants run interleaved round-robin (the order rotated every round, the
+SophiaG trainer stepped twice a round) so background load hits them alike;
+every variant sees the same batch within a round (random bytes: the timing
+does not depend on the tokens). The frameworks run one after the other.
+Each variant's figure is the median and the minimum over ``--repeats`` timed
+samples after ``--warmup`` untimed rounds (``first_call_s``: the first call,
+JAX's compilation included). The derived figures, each of the medians, of the
+minima and as the median over rounds of the per-round value (``paired``: the
+variants of a round ran within seconds of each other, so load drifts cancel):
+
+* ``refresh_over_plain``: refresh step / plain step;
+* ``extra_ms``: refresh - plain, the refresh's cost;
+* ``extra_over_fwd_bwd``: (refresh - plain) / fwd_bwd;
+* ``backward_ms``: fwd_bwd - forward, and ``extra_over_backward``:
+  (refresh - plain) / that (about 1 plus the label sampling and the EMA when a
+  refresh costs one extra backward);
+* ``plain_over_adamw``: plain step / AdamW step;
+* ``k10_over_adamw``: SophiaG's average step at ``k = 10``,
+  ``(9 * plain + refresh) / 10``, over AdamW's step, against the 1.08 target.
+
+The machine (CPU, cores, load average at the start and end of each framework,
+framework versions, threads) is recorded with the results in
+``benchmarks/results/refresh_cost.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sophia.demo.train import (  # noqa: E402
+    FRAMEWORKS,
+    PRESETS,
+    OptimConfig,
+    RunConfig,
+    load_backend,
+    machine_info,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "refresh_cost.json"
+#: The refresh interval of the target figure.
+K = 10
+#: The refresh interval the SophiaG trainer runs at: every other step refreshes.
+K_TIMED = 2
+TARGET_K10_OVER_ADAMW = 1.08
+#: Distinct batches cycled through (one per round).
+N_BATCHES = 8
+VARIANTS = ("adamw", "sophia_plain", "sophia_refresh", "fwd_bwd", "forward")
+
+Step = Callable[[np.ndarray, np.ndarray], Any]
+
+# Each derived figure from one set of per-variant times (ms): the medians, the
+# minima, or one round's samples.
+FIGURES: dict[str, Callable[[Mapping[str, float]], float]] = {
+    "refresh_over_plain": lambda t: t["sophia_refresh"] / t["sophia_plain"],
+    "extra_ms": lambda t: t["sophia_refresh"] - t["sophia_plain"],
+    "extra_over_fwd_bwd": lambda t: (t["sophia_refresh"] - t["sophia_plain"]) / t["fwd_bwd"],
+    "backward_ms": lambda t: t["fwd_bwd"] - t["forward"],
+    "extra_over_backward": lambda t: (
+        (t["sophia_refresh"] - t["sophia_plain"]) / (t["fwd_bwd"] - t["forward"])
+    ),
+    "plain_over_adamw": lambda t: t["sophia_plain"] / t["adamw"],
+    "k10_over_adamw": lambda t: (
+        ((K - 1) * t["sophia_plain"] + t["sophia_refresh"]) / K / t["adamw"]
+    ),
+}
+
+
+def jax_references(cfg: RunConfig) -> dict[str, Step]:
+    """``fwd_bwd`` and ``forward`` of the JAX demo model, as ``JaxTrainer.step`` runs them."""
+    import jax
+    import jax.numpy as jnp
+
+    from sophia.demo import model_jax, train_jax
+
+    forward = model_jax.make_apply(cfg.model)
+    params = model_jax.init_params(cfg.model, cfg.seed)
+
+    def fwd_bwd(params: Any, x: jax.Array, y: jax.Array) -> tuple[Any, jax.Array]:
+        # JaxTrainer's train_step up to the optimizer; the gradient is returned
+        # so that XLA cannot drop the backward.
+        logits, vjp = jax.vjp(lambda p: forward(p, x), params)
+        loss, dlogits = jax.value_and_grad(model_jax.cross_entropy)(logits, y)
+        (grads,) = vjp(dlogits)
+        return grads, loss
+
+    def loss_only(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return model_jax.cross_entropy(forward(params, x), y)
+
+    def timed(fn: Callable[..., Any]) -> Step:
+        compiled = train_jax.jit(fn)
+        return lambda x, y: jax.block_until_ready(compiled(params, jnp.asarray(x), jnp.asarray(y)))
+
+    return {"fwd_bwd": timed(fwd_bwd), "forward": timed(loss_only)}
+
+
+def torch_references(cfg: RunConfig) -> dict[str, Step]:
+    """``fwd_bwd`` and ``forward`` of the torch demo model, as ``TorchTrainer.step`` runs them."""
+    import torch
+
+    from sophia.demo import model_torch, train_torch
+
+    device = train_torch.default_device()
+    model = model_torch.init_model(cfg.model, cfg.seed, device)
+
+    def loss_of(x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        x_t = torch.from_numpy(np.asarray(x, np.int64)).to(device, non_blocking=True)
+        y_t = torch.from_numpy(np.asarray(y, np.int64)).to(device, non_blocking=True)
+        return model_torch.cross_entropy(model(x_t), y_t)
+
+    def fwd_bwd(x: np.ndarray, y: np.ndarray) -> float:
+        loss = loss_of(x, y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def forward(x: np.ndarray, y: np.ndarray) -> float:
+        # Autograd records the graph, as in the training forward.
+        return loss_of(x, y).item()
+
+    return {"fwd_bwd": fwd_bwd, "forward": forward}
+
+
+REFERENCES: dict[str, Callable[[RunConfig], dict[str, Step]]] = {
+    "jax": jax_references,
+    "torch": torch_references,
+}
+
+
+class SophiaSteps:
+    """One SophiaG trainer at ``k = K_TIMED``, its calls told apart as refresh or plain steps.
+
+    Args:
+      backend: the demo backend module.
+      cfg: the run.
+    """
+
+    def __init__(self, backend: Any, cfg: RunConfig) -> None:
+        self.opt: OptimConfig = dataclasses.replace(cfg.sophia, k=K_TIMED)
+        self.trainer = backend.make_trainer(cfg, self.opt)
+        self.steps = 0
+
+    def next_variant(self) -> str:
+        """The variant the next call is: ``sophia_refresh`` or ``sophia_plain``."""
+        return "sophia_refresh" if self.opt.refreshes(self.steps) else "sophia_plain"
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> None:
+        """One training step (the demo's ``Trainer.step``)."""
+        self.trainer.step(x, y)
+        self.steps += 1
+
+    def checked_step(self, x: np.ndarray, y: np.ndarray) -> None:
+        """A step that fails unless the Hessian changed exactly when a refresh was due."""
+        due = self.opt.refreshes(self.steps)
+        before = self.trainer.diagnostics()["hessian_norm"]
+        self.step(x, y)
+        changed = self.trainer.diagnostics()["hessian_norm"] != before
+        if changed != due:
+            raise RuntimeError(
+                f"SophiaG step {self.steps - 1} (k={K_TIMED}): refresh due {due}, "
+                f"Hessian changed {changed}: the variants would be mislabelled"
+            )
+
+
+def bench_framework(
+    framework: str, cfg: RunConfig, warmup: int, repeats: int, seed: int
+) -> dict[str, Any]:
+    """Times the variants of one framework, round-robin; returns their times and figures."""
+    backend = load_backend(framework)
+    load_start = list(os.getloadavg())
+    rng = np.random.default_rng(seed)
+    shape = (cfg.batch_size, cfg.model.block_size + 1)
+    windows = [
+        rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32) for _ in range(N_BATCHES)
+    ]
+    batches = [(w[:, :-1], w[:, 1:]) for w in windows]
+
+    print(f"{framework}: building the trainers", file=sys.stderr, flush=True)
+    sophia = SophiaSteps(backend, cfg)
+    adamw = backend.make_trainer(cfg, cfg.adamw)
+    calls: dict[str, Step] = {"adamw": adamw.step, **REFERENCES[framework](cfg)}
+    slots = ["adamw", "sophia", "fwd_bwd", "sophia", "forward"]
+    first_call_s: dict[str, float] = {}
+
+    def call(slot: str, x: np.ndarray, y: np.ndarray, check: bool = False) -> tuple[str, float]:
+        name = sophia.next_variant() if slot == "sophia" else slot
+        fn = (sophia.checked_step if check else sophia.step) if slot == "sophia" else calls[slot]
+        t0 = time.perf_counter()
+        fn(x, y)
+        return name, time.perf_counter() - t0
+
+    for i in range(warmup):
+        x, y = batches[i % N_BATCHES]
+        for slot in slots:
+            name, dt = call(slot, x, y, check=True)
+            first_call_s.setdefault(name, dt)
+        print(f"  warm-up round {i + 1}/{warmup}", file=sys.stderr, flush=True)
+
+    rounds: list[dict[str, float]] = []
+    for r in range(repeats):
+        x, y = batches[r % N_BATCHES]
+        shift = r % len(slots)
+        row: dict[str, float] = {}
+        for slot in slots[shift:] + slots[:shift]:
+            name, dt = call(slot, x, y)
+            row[name] = 1e3 * dt
+        rounds.append(row)
+
+    times = {v: [row[v] for row in rounds] for v in VARIANTS}
+    results = {
+        v: {
+            "median_ms": statistics.median(t),
+            "min_ms": min(t),
+            "max_ms": max(t),
+            "repeats": len(t),
+            "first_call_s": first_call_s.get(v),
+        }
+        for v, t in times.items()
+    }
+    medians = {v: r["median_ms"] for v, r in results.items()}
+    minima = {v: r["min_ms"] for v, r in results.items()}
+    figures = {
+        name: {
+            "median": fn(medians),
+            "min": fn(minima),
+            "paired": statistics.median(fn(row) for row in rounds),
+        }
+        for name, fn in FIGURES.items()
+    }
+    return {
+        "device": backend.device_info(),
+        "n_params": sophia.trainer.n_params,
+        "loadavg_start": load_start,
+        "loadavg_end": list(os.getloadavg()),
+        "results": results,
+        "figures": figures,
+        "meets_target": figures["k10_over_adamw"]["median"] <= TARGET_K10_OVER_ADAMW,
+    }
+
+
+def host_info(frameworks: list[str]) -> dict[str, Any]:
+    """The demo's :func:`machine_info` plus usable cores, threads and the load average."""
+    info = machine_info([load_backend(fw) for fw in frameworks])
+    try:
+        info["usable_cores"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["usable_cores"] = os.cpu_count()
+    for var in ("OMP_NUM_THREADS", "XLA_FLAGS"):
+        info[var] = os.environ.get(var, "")
+    if "jax" in frameworks:
+        import jaxlib
+
+        info["jax"]["jaxlib"] = jaxlib.__version__
+    if "torch" in frameworks:
+        import torch
+
+        info["torch"]["interop_threads"] = str(torch.get_num_interop_threads())
+    info["loadavg_start"] = list(os.getloadavg())
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--framework", choices=[*FRAMEWORKS, "both"], default="both")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--small", action="store_true", help="the tiny preset (smoke test)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds (the first compiles)")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the random batches")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    args = ap.parse_args(argv)
+    preset = "tiny" if args.small else args.preset
+    repeats = args.repeats or (5 if args.small else 40)
+    if args.warmup < 1 or repeats < 1:
+        ap.error("--warmup and --repeats must be at least 1")
+    frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
+    if "torch" in frameworks and args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+
+    cfg = PRESETS[preset]
+    info = host_info(frameworks)
+    per_fw = {fw: bench_framework(fw, cfg, args.warmup, repeats, args.seed) for fw in frameworks}
+    info["loadavg_end"] = list(os.getloadavg())
+    out = {
+        "machine": info,
+        "preset": preset,
+        "model": {
+            **dataclasses.asdict(cfg.model),
+            "batch_size": cfg.batch_size,
+            "tokens_per_step": cfg.tokens_per_step,
+        },
+        "settings": {
+            "warmup": args.warmup,
+            "repeats": repeats,
+            "k_timed": K_TIMED,
+            "k_target": K,
+            "torch_threads": args.torch_threads,
+            "seed": args.seed,
+            "order": "round-robin, rotated every round; frameworks one after the other",
+            "sophia": dataclasses.asdict(cfg.sophia),
+            "adamw": dataclasses.asdict(cfg.adamw),
+        },
+        "target": {"k10_over_adamw": TARGET_K10_OVER_ADAMW},
+        "frameworks": per_fw,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    report(out)
+    return out
+
+
+def report(out: dict[str, Any]) -> None:
+    """Prints the machine and a side-by-side table of the frameworks."""
+    m, fws = out["machine"], out["frameworks"]
+    versions = "; ".join(
+        ", ".join(f"{k} {v}" for k, v in m[fw].items() if k != "framework") for fw in fws
+    )
+    print(
+        f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['usable_cores']} usable), "
+        f"python {m['python']}, numpy {m['numpy']}; {versions}; "
+        f"OMP_NUM_THREADS={m['OMP_NUM_THREADS'] or 'unset'}; "
+        f"loadavg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
+    )
+    s, mod = out["settings"], out["model"]
+    n_params = next(iter(fws.values()))["n_params"]
+    print(
+        f"preset {out['preset']}: {mod['n_layer']} layers, width {mod['n_embd']}, "
+        f"{n_params:,} parameters, {mod['tokens_per_step']} tokens/step; "
+        f"{s['warmup']} warm-up + {s['repeats']} timed rounds, round-robin"
+    )
+    head = "".join(f"{fw + ' median':>14s}{fw + ' min':>12s}" for fw in fws)
+    print(f"{'step (ms)':22s}{head}")
+    for v in VARIANTS:
+        cells = "".join(
+            f"{fws[fw]['results'][v]['median_ms']:14.3f}{fws[fw]['results'][v]['min_ms']:12.3f}"
+            for fw in fws
+        )
+        print(f"{v:22s}{cells}")
+    head = "".join(f"{fw + ' median':>14s}{'min':>8s}{'paired':>8s}" for fw in fws)
+    print(f"{'figure':22s}{head}")
+    for name in FIGURES:
+        cells = "".join(
+            "{median:14.3f}{min:8.3f}{paired:8.3f}".format(**fws[fw]["figures"][name]) for fw in fws
+        )
+        print(f"{name:22s}{cells}")
+    target = out["target"]["k10_over_adamw"]
+    for fw, d in fws.items():
+        verdict = "meets" if d["meets_target"] else "misses"
+        print(
+            f"{fw}: SophiaG at k={K} over AdamW {d['figures']['k10_over_adamw']['median']:.3f} "
+            f"(medians) {verdict} the target <= {target}; "
+            f"loadavg {d['loadavg_start'][0]:.2f} -> {d['loadavg_end'][0]:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
