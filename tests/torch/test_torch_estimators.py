@@ -63,6 +63,18 @@ def test_sample_labels_follow_the_softmax():
     assert sample_labels(torch.zeros(2, 0, 3)).shape == (2, 0)
 
 
+def test_sample_labels_never_draw_a_class_of_probability_zero():
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 0.0, -inf, 1.0, -inf]]).expand(50000, 5)
+    y = sample_labels(logits, torch.Generator().manual_seed(1))
+    counts = torch.bincount(y, minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0  # first, middle and last class: p = 0
+    p = torch.softmax(torch.tensor([0.0, 1.0], dtype=torch.float64), -1)[0]
+    assert abs(counts[1] / 50000 - p) < 5 * (p * (1 - p) / 50000).sqrt()
+    one = sample_labels(torch.tensor([[-inf, 3.0, -inf]]), torch.Generator().manual_seed(2))
+    assert one.tolist() == [1]
+
+
 def test_update_hessian_from_logits_leaves_grad_and_graph_for_the_training_backward():
     x, w, b = _softmax_model()
     opt = SophiaG([w, b], lr=0.1)
