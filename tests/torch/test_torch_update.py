@@ -311,3 +311,36 @@ def test_signed_zeros_follow_the_reference_bit_for_bit(path, maximize, weight_de
     want_p, want_m, _ = ref_update(theta, g, m, h, **reference_kwargs(**hp, maximize=maximize))
     assert np.signbit(want_p).any() and np.signbit(want_m).any()  # the case is not trivial
     assert same(p, want_p) and same(opt.state[p]["exp_avg"], want_m)
+
+
+@pytest.mark.parametrize("path", ["single", "foreach"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_blocks_cut_across_and_between_tensors_give_the_reference(path, threads, monkeypatch):
+    """The CPU bodies run block by block: a block size that cuts tensors (and batches)."""
+    import sophia.torch.functional as functional
+
+    monkeypatch.setattr(functional, "_CPU_BLOCK", 19)
+    leaves = random_state(8, [(9, 7), (40,), (3,), (5, 4), (1,), (64,)], np.float32, 0.1)
+    rng = np.random.default_rng(8)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert functional._cpu_block() == 19 * threads
+        opt, params = make_optimizer_with_state(leaves, **HP, **PATHS[path])
+        ref = [list(x) for x in leaves]
+        kw = reference_kwargs(**HP)
+        for _ in range(4):
+            grads = [rng.normal(size=x[0].shape).astype(np.float32) for x in leaves]
+            for p, g in zip(params, grads):
+                p.grad = t(g)
+            opt.step()
+            wins = 0
+            for r, g in zip(ref, grads):
+                r[0], r[2], w = ref_update(r[0], g, r[2], r[3], **kw)
+                wins += int(w)
+    finally:
+        torch.set_num_threads(old)
+    for r, p in zip(ref, params):
+        assert same(p, r[0]) and same(opt.state[p]["exp_avg"], r[2])
+    want = spec.win_rate(wins, sum(x[0].size for x in leaves), np.float32)
+    assert same(opt.diagnostics()[0]["win_rate"], np.asarray(want))
