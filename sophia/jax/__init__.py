@@ -16,6 +16,7 @@ from sophia.jax.estimators import gnb, gnb_from_vjp, hutchinson, sample_labels
 from sophia.jax.transform import (
     Estimator,
     ScaleBySophiaState,
+    StaticFlag,
     add_decayed_weights,
     diagnostics,
     scale_by_sophia,
@@ -25,6 +26,7 @@ from sophia.jax.transform import (
 __all__ = [
     "Estimator",
     "ScaleBySophiaState",
+    "StaticFlag",
     "add_decayed_weights",
     "diagnostics",
     "gnb",

@@ -6,6 +6,7 @@ dynamic-rho rule that this module implements for JAX.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ from sophia import spec
 __all__ = [
     "Estimator",
     "ScaleBySophiaState",
+    "StaticFlag",
     "add_decayed_weights",
     "diagnostics",
     "scale_by_sophia",
@@ -30,6 +32,17 @@ __all__ = [
 #: with the structure of ``params``. ``extra_args`` are the keyword arguments
 #: given to ``update``; an estimator ignores the ones it does not use.
 Estimator = Callable[..., optax.Params]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StaticFlag:
+    """A bool held in a pytree's structure rather than as a leaf, so known at trace time."""
+
+    value: bool
+
+    def __bool__(self) -> bool:
+        return self.value
 
 
 class ScaleBySophiaState(NamedTuple):
@@ -52,7 +65,8 @@ class ScaleBySophiaState(NamedTuple):
       bs: the configured ``bs`` (kept for :func:`update_hessian`).
       eps: the configured ``eps`` (kept for :func:`update_hessian`).
       step_diagnostics: whether every step computes ``win_rate`` and
-        ``momentum_norm``.
+        ``momentum_norm`` (a :class:`StaticFlag`: part of the state's structure,
+        so a refresh under ``jit`` knows it without a branch).
     """
 
     count: jax.Array
@@ -68,7 +82,7 @@ class ScaleBySophiaState(NamedTuple):
     dynamic: jax.Array
     bs: jax.Array
     eps: jax.Array
-    step_diagnostics: jax.Array
+    step_diagnostics: StaticFlag
 
 
 def _cd(dtype: Any) -> jnp.dtype:
@@ -127,17 +141,19 @@ def _catch_up_diagnostics(state: ScaleBySophiaState) -> ScaleBySophiaState:
     the dynamic-rho rule sees the same value either way. The momentum norm is
     the same up to the order of its float sum.
     """
-
-    def recompute(s: ScaleBySophiaState) -> ScaleBySophiaState:
-        mus = jax.tree.leaves(s.mu)
-        hs = jax.tree.leaves(s.hessian)
-        leaves = _step_leaves(mus, hs, s.rho, s.bs, s.eps)
-        win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(s.hessian), s.rho.dtype)
-        return s._replace(win_rate=win_rate, momentum_norm=m_norm)
-
-    # nothing to catch up before the first step, or when every step kept them current
-    fresh = state.step_diagnostics | (state.count == 0)
-    return jax.lax.cond(fresh, lambda s: s, recompute, state)
+    if state.step_diagnostics:
+        return state
+    # Computed unconditionally (it runs at refreshes only): under lax.cond the
+    # parameter-sized operands cost XLA:CPU copies that took longer than the pass.
+    leaves = _step_leaves(
+        jax.tree.leaves(state.mu), jax.tree.leaves(state.hessian), state.rho, state.bs, state.eps
+    )
+    win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(state.hessian), state.rho.dtype)
+    first = state.count == 0  # no step yet: nothing to report
+    return state._replace(
+        win_rate=jnp.where(first, state.win_rate, win_rate),
+        momentum_norm=jnp.where(first, state.momentum_norm, m_norm),
+    )
 
 
 def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySophiaState:
@@ -263,7 +279,7 @@ def scale_by_sophia(
             "dynamic": jnp.asarray(dynamic, jnp.bool_),
             "bs": jnp.asarray(bs, sd),
             "eps": jnp.asarray(eps, sd),
-            "step_diagnostics": jnp.asarray(step_diagnostics, jnp.bool_),
+            "step_diagnostics": StaticFlag(bool(step_diagnostics)),
         }
 
     def init_fn(params: optax.Params) -> ScaleBySophiaState:

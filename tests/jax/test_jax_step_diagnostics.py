@@ -149,3 +149,16 @@ def test_the_plain_step_reduces_only_with_step_diagnostics(flag):
     state = tx.init(params)
     jaxpr = jax.make_jaxpr(tx.update)(_grads(0), state, params).jaxpr
     assert bool(_reductions(jaxpr)) == flag
+
+
+def test_a_refresh_recomputes_the_diagnostics_only_without_step_diagnostics():
+    """Known at trace time (a StaticFlag), so the default refresh carries no extra pass."""
+    params = _params()
+    counts = {}
+    for flag in (True, False):
+        tx = sj.sophia_g(0.01, hessian_update_interval=None, step_diagnostics=flag)
+        state = jax.jit(tx.init)(params)
+        assert state[0].step_diagnostics == sj.StaticFlag(flag)
+        jaxpr = jax.make_jaxpr(sj.update_hessian)(state, params).jaxpr
+        counts[flag] = len(_reductions(jaxpr))
+    assert 0 < counts[True] < counts[False]  # the Hessian norm; plus win count and m norm
