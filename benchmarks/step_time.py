@@ -62,6 +62,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sophia.jax as sj  # noqa: E402
+from sophia.demo.train import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 LR = 1e-4
@@ -112,21 +113,12 @@ def random_tree(shapes: dict[str, tuple[int, ...]], seed: int, scale: float, pos
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     return {
-        "cpu_model": cpu,
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable,
         "device": str(jax.devices()[0]),

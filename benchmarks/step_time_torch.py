@@ -80,6 +80,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sophia.demo.train import cpu_name  # noqa: E402
 from sophia.torch import SophiaG  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time_torch.json"
@@ -480,15 +481,6 @@ def run_memory_probes(
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     mem = {}
     try:
         with open("/proc/meminfo") as fh:
@@ -499,7 +491,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cpu_model": cpu,
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -513,26 +505,42 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Timings ``a / b``: of medians, of minima, paired per round, of CPU-time medians."""
+    return {
+        "ratio_median": a["median_ms"] / b["median_ms"],
+        "ratio_min": a["min_ms"] / b["min_ms"],
+        "ratio_paired_median": statistics.median(
+            x / y for x, y in zip(a["samples_ms"], b["samples_ms"])
+        ),
+        "ratio_cpu_median": a["cpu_median_ms"] / b["cpu_median_ms"],
+    }
+
+
+def _over_floor(a: dict[str, Any], floor: dict[str, Any]) -> dict[str, float]:
+    """Timings ``a`` over the bandwidth floor (wall and CPU time)."""
+    return {
+        "ratio_median": a["median_ms"] / floor["floor_ms"],
+        "ratio_min": a["min_ms"] / floor["floor_ms"],
+        "ratio_cpu_median": a["cpu_median_ms"] / floor["cpu_floor_ms"],
+    }
+
+
 def _ratio(
     steps: dict[str, Any], num: str, den: str | None, floor: dict[str, Any], target: float, le: bool
 ) -> dict[str, Any]:
     """``num / den`` (or ``/ floor``) of medians, of minima, paired per round, of CPU time."""
-    a = steps[num]
     if den is None:
-        med, mn = a["median_ms"] / floor["floor_ms"], a["min_ms"] / floor["floor_ms"]
-        paired = None
-        cpu = a["cpu_median_ms"] / floor["cpu_floor_ms"]
+        r = {**_over_floor(steps[num], floor), "ratio_paired_median": None}
     else:
-        b = steps[den]
-        med, mn = a["median_ms"] / b["median_ms"], a["min_ms"] / b["min_ms"]
-        paired = statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"]))
-        cpu = a["cpu_median_ms"] / b["cpu_median_ms"]
+        r = _compare(steps[num], steps[den])
+    med, mn = r["ratio_median"], r["ratio_min"]
     ok = (lambda r: r <= target) if le else (lambda r: r >= target)
     return {
         "ratio_median": med,
         "ratio_min": mn,
-        "ratio_paired_median": paired,
-        "ratio_cpu_median": cpu,
+        "ratio_paired_median": r["ratio_paired_median"],
+        "ratio_cpu_median": r["ratio_cpu_median"],
         "target": target,
         "target_kind": "<=" if le else ">=",
         "met_median": ok(med),
@@ -561,39 +569,11 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
             )
     sp = res.get("stream_pass")
     if sp is not None and "sophia_fused" in steps:
-        a = steps["sophia_fused"]
-        out["sophia_fused / stream_4r2w_compiled"] = {
-            "ratio_median": a["median_ms"] / sp["median_ms"],
-            "ratio_min": a["min_ms"] / sp["min_ms"],
-            "ratio_paired_median": statistics.median(
-                x / y for x, y in zip(a["samples_ms"], sp["samples_ms"])
-            ),
-            "ratio_cpu_median": a["cpu_median_ms"] / sp["cpu_median_ms"],
-        }
-        out["stream_4r2w_compiled / floor"] = {
-            "ratio_median": sp["median_ms"] / floor["floor_ms"],
-            "ratio_min": sp["min_ms"] / floor["floor_ms"],
-            "ratio_cpu_median": sp["cpu_median_ms"] / floor["cpu_floor_ms"],
-        }
+        out["sophia_fused / stream_4r2w_compiled"] = _compare(steps["sophia_fused"], sp)
+        out["stream_4r2w_compiled / floor"] = _over_floor(sp, floor)
         if "adamw_fused" in steps:
-            b = steps["adamw_fused"]
-            out["stream_4r2w_compiled / adamw_fused"] = {
-                "ratio_median": sp["median_ms"] / b["median_ms"],
-                "ratio_min": sp["min_ms"] / b["min_ms"],
-                "ratio_paired_median": statistics.median(
-                    x / y for x, y in zip(sp["samples_ms"], b["samples_ms"])
-                ),
-                "ratio_cpu_median": sp["cpu_median_ms"] / b["cpu_median_ms"],
-            }
-    out["x floor"] = {
-        v: {
-            "ratio_median": steps[v]["median_ms"] / floor["floor_ms"],
-            "ratio_min": steps[v]["min_ms"] / floor["floor_ms"],
-            "ratio_cpu_median": steps[v]["cpu_median_ms"] / floor["cpu_floor_ms"],
-        }
-        for v in VARIANTS
-        if v in steps
-    }
+            out["stream_4r2w_compiled / adamw_fused"] = _compare(sp, steps["adamw_fused"])
+    out["x floor"] = {v: _over_floor(steps[v], floor) for v in VARIANTS if v in steps}
     mem = res.get("memory", {}).get("sophia_fused")
     if mem is not None:
         out["sophia_fused peak extra memory / largest parameter tensor"] = {

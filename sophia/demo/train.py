@@ -64,6 +64,7 @@ __all__ = [
     "RunResult",
     "Trainer",
     "adamw",
+    "cpu_name",
     "format_table",
     "load_backend",
     "lr_at",
@@ -490,7 +491,7 @@ def machine_info(backends: Sequence[Any] = ()) -> dict[str, Any]:
     info: dict[str, Any] = {
         "host": platform.node(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -501,7 +502,8 @@ def machine_info(backends: Sequence[Any] = ()) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
