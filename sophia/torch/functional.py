@@ -7,10 +7,13 @@ dispatcher and three bodies,
 * ``_single_tensor_sophia_g``: a Python loop over the tensors, 16 eager
   kernels each into two reused buffers,
 * ``_multi_tensor_sophia_g``: ``torch._foreach_*`` kernels per (device, dtype),
-* ``_fused_sophia_g``: one ``torch.compile``-d kernel per tensor, compiled once
-  (dynamic shapes) per dtype and cached; it reads ``param, grad, exp_avg,
-  hessian`` and writes ``param, exp_avg`` in one pass (tensors below
-  ``_PACK_BELOW`` elements share one call on packed copies).
+* ``_fused_sophia_g``: one pass that reads ``param, grad, exp_avg, hessian``
+  and writes ``param, exp_avg``. On CPU that is a native C++ kernel over all
+  tensors of a (device, dtype) group at once (see :mod:`sophia.torch._native`);
+  elsewhere, and on CPU where the native kernel cannot be built, one
+  ``torch.compile``-d kernel per tensor, compiled once (dynamic shapes) per
+  dtype and cached (tensors below ``_PACK_BELOW`` elements share one call on
+  packed copies). Non-contiguous tensors always take the compiled kernel.
 
 On CPU the for-loop and foreach bodies run block by block (``_CPU_BLOCK``
 elements, small tensors batched together; see :func:`_cpu_block`), so that their
@@ -41,6 +44,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from sophia import spec
+from sophia.torch import _native
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -50,6 +54,8 @@ else:  # builds without torch.distributed have no DTensors to handle
 __all__ = ["hessian_ema", "sophia_g", "sophiag"]
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: Parameter dtypes the native CPU kernel handles.
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 Scalar = float | Tensor
 
 
@@ -649,7 +655,7 @@ def _fused_sophia_g(
     capturable: bool,
     has_complex: bool,
 ) -> Tensor:
-    """The fused body: one compiled pass per tensor (read p, g, m, h; write p, m)."""
+    """The fused body: one pass per tensor (read p, g, m, h; write p, m), native or compiled."""
     del capturable
     hp = {"lr": lr, "beta1": beta1, "rho": rho, "bs": bs, "weight_decay": weight_decay, "eps": eps}
     if len(params) == 0:
@@ -670,7 +676,10 @@ def _fused_sophia_g(
             )
         torch._foreach_add_(d_steps, 1)
         coeffs = _step_coefficients(compute_dtype(dtype), device, maximize, **hp)
-        kernel = _fused_kernel(dtype)
+        native = (
+            _native.fused_step_op() if device.type == "cpu" and dtype in _NATIVE_DTYPES else None
+        )
+        whole: list[tuple[Tensor, ...]] = []
         small: list[tuple[Tensor, ...]] = []
         with torch.no_grad():  # one compiled graph whatever the caller's grad mode
             for xs in zip(d_params, d_grads, d_ms, d_hs):
@@ -678,13 +687,21 @@ def _fused_sophia_g(
                 n = xs[0].numel()
                 if n == 0:
                     continue
-                if n < _PACK_BELOW or not all(x.is_contiguous() for x in xs):
+                if not all(x.is_contiguous() for x in xs):
                     small.append(xs)
-                    continue
-                for piece in _pieces(tuple(x.view(-1) for x in xs), _KERNEL_PIECE):
-                    counts.append(kernel(*piece, *coeffs))
+                elif native is not None:
+                    whole.append(xs)
+                elif n < _PACK_BELOW:
+                    small.append(xs)
+                else:
+                    whole.extend(_pieces(tuple(x.view(-1) for x in xs), _KERNEL_PIECE))
+            if native is not None and whole:
+                counts.append(native(*(list(x) for x in zip(*whole)), torch.stack(coeffs)))
+            elif whole:
+                kernel = _fused_kernel(dtype)
+                counts.extend(kernel(*piece, *coeffs) for piece in whole)
             if small:
-                counts.append(_fused_packed(small, kernel, coeffs))
+                counts.append(_fused_packed(small, _fused_kernel(dtype), coeffs))
     return _total_wins(counts, params[0].device)
 
 

@@ -79,8 +79,10 @@ class SophiaG(Optimizer):
         normal number.
       foreach: use the ``torch._foreach_*`` implementation (default: torch's
         choice, i.e. on CUDA).
-      fused: use the ``torch.compile``-d single-pass kernel (compiled once per
-        dtype and cached; supported on CPU and CUDA).
+      fused: use the single-pass kernel: on CPU a native C++ kernel, built
+        on first use (a C++ compiler and ninja needed; without them, or with
+        ``SOPHIA_TORCH_NATIVE=0``, the compiled kernel below), on CUDA/XPU
+        a ``torch.compile``-d kernel compiled once per dtype and cached.
 
     State: per parameter ``step``, ``exp_avg`` and ``hessian`` (the paper's
     reference layout, whose state dicts load here); per group

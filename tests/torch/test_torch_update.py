@@ -10,6 +10,7 @@ from torchref import (
     TORCH,
     make_optimizer_with_state,
     n,
+    path_env,
     path_param,
     random_state,
     ref_update,
@@ -111,27 +112,30 @@ def test_low_precision_paths_agree_with_each_other_and_with_float32_math(dtype):
     rng = np.random.default_rng(3)
     results = {}
     for path in PATHS:
-        opt, params = make_optimizer_with_state(leaves, dtype, **HP, **PATHS[path])
-        ref = [list(x) for x in leaves]
-        kw = reference_kwargs(**HP)
-        rng = np.random.default_rng(3)
-        for it in range(6):
-            grads = [n(t(rng.normal(size=x[0].shape)).to(dtype)) for x in leaves]
-            if it % 2 == 0:
-                opt.update_hessian(hessian=[t(np.abs(g) * 0.3) for g in grads])
+        with path_env(path):
+            opt, params = make_optimizer_with_state(leaves, dtype, **HP, **PATHS[path])
+            ref = [list(x) for x in leaves]
+            kw = reference_kwargs(**HP)
+            rng = np.random.default_rng(3)
+            for it in range(6):
+                grads = [n(t(rng.normal(size=x[0].shape)).to(dtype)) for x in leaves]
+                if it % 2 == 0:
+                    opt.update_hessian(hessian=[t(np.abs(g) * 0.3) for g in grads])
+                    for r, g in zip(ref, grads):
+                        h32 = spec.hessian_ema(
+                            r[3].astype(np.float32), np.abs(g) * 0.3, HP["betas"][1]
+                        )
+                        r[3] = n(t(h32).to(dtype))
+                for p, g in zip(params, grads):
+                    p.grad = t(g, dtype)
+                opt.step()
                 for r, g in zip(ref, grads):
-                    h32 = spec.hessian_ema(r[3].astype(np.float32), np.abs(g) * 0.3, HP["betas"][1])
-                    r[3] = n(t(h32).to(dtype))
-            for p, g in zip(params, grads):
-                p.grad = t(g, dtype)
-            opt.step()
-            for r, g in zip(ref, grads):
-                r[0], r[2], _ = ref_update(r[0], g, r[2], r[3], storage=dtype, **kw)
-        for r, p in zip(ref, params):
-            assert p.dtype == dtype and opt.state[p]["exp_avg"].dtype == dtype
-            assert same(p, r[0]) and same(opt.state[p]["exp_avg"], r[2])
-            assert same(opt.state[p]["hessian"], r[3])
-        results[path] = [p.detach().clone() for p in params]
+                    r[0], r[2], _ = ref_update(r[0], g, r[2], r[3], storage=dtype, **kw)
+            for r, p in zip(ref, params):
+                assert p.dtype == dtype and opt.state[p]["exp_avg"].dtype == dtype
+                assert same(p, r[0]) and same(opt.state[p]["exp_avg"], r[2])
+                assert same(opt.state[p]["hessian"], r[3])
+            results[path] = [p.detach().clone() for p in params]
     for path in PATHS:
         assert all(same(a, b) for a, b in zip(results["single"], results[path]))
 
@@ -344,3 +348,99 @@ def test_cpu_blocks_cut_across_and_between_tensors_give_the_reference(path, thre
         assert same(p, r[0]) and same(opt.state[p]["exp_avg"], r[2])
     want = spec.win_rate(wins, sum(x[0].size for x in leaves), np.float32)
     assert same(opt.diagnostics()[0]["win_rate"], np.asarray(want))
+
+
+def test_native_cpu_kernel_is_built_on_this_machine():
+    """CI has a compiler and ninja: a silent fallback to the compiled kernel would hide a break."""
+    from sophia.torch import _native
+
+    assert _native.fused_step_op() is not None
+
+
+def test_native_kernel_is_off_with_the_environment_switch(monkeypatch):
+    from sophia.torch import _native
+
+    monkeypatch.setenv("SOPHIA_TORCH_NATIVE", "0")
+    assert _native.fused_step_op() is None
+
+
+def test_fused_cpu_step_goes_through_the_native_kernel_once_per_group(monkeypatch):
+    """Contiguous tensors of one dtype share one native call; non-contiguous ones do not."""
+    from sophia.torch import _native
+
+    real = _native.fused_step_op()
+    calls = []
+
+    def spy(ps, *rest):
+        calls.append(len(ps))
+        return real(ps, *rest)
+
+    monkeypatch.setattr(_native, "fused_step_op", lambda: spy)
+    leaves = random_state(4, [(5, 3), (7,), (2, 2)], np.float32, 0.1)
+    opt, params = make_optimizer_with_state(leaves, **HP, fused=True)
+    params[2].grad = t(leaves[2][1].T.copy()).T  # a non-contiguous gradient
+    opt.step()
+    assert calls == [2]
+    kw = reference_kwargs(**HP)
+    for leaf, p in zip(leaves, params):
+        want, _, _ = ref_update(*leaf, **kw)
+        assert same(p, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_native_kernel_across_chunks_and_threads_gives_the_reference(dtype):
+    """Tensors spanning several of the kernel's 2**16-element work items, on 2 threads."""
+    leaves = random_state(9, [(2**17 + 3,), (3, 2**15 + 1), (5,)], dtype, 0.1)
+    kw = reference_kwargs(**HP)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt, params = make_optimizer_with_state(leaves, **HP, fused=True)
+        opt.step()
+    finally:
+        torch.set_num_threads(old)
+    total = 0
+    for leaf, p in zip(leaves, params):
+        want_p, want_m, w = ref_update(*leaf, **kw)
+        assert same(p, want_p) and same(opt.state[p]["exp_avg"], want_m)
+        total += int(w)
+    want_rate = spec.win_rate(total, sum(x[0].size for x in leaves), dtype)
+    assert same(opt.diagnostics()[0]["win_rate"], np.asarray(want_rate))
+
+
+def test_native_build_failure_warns_once_and_falls_back_to_the_same_bits(monkeypatch):
+    from sophia.torch import _native
+
+    def broken():
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(_native, "_build", broken)
+    monkeypatch.setattr(_native, "_state", {})
+    leaves = random_state(5, [(40, 3), (2,)], np.float32, 0.1)
+    opt, params = make_optimizer_with_state(leaves, **HP, fused=True)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        opt.step()
+    kw = reference_kwargs(**HP)
+    for leaf, p in zip(leaves, params):
+        assert same(p, ref_update(*leaf, **kw)[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # no second warning
+
+
+def test_native_op_rejects_mismatched_inputs():
+    from sophia.torch import _native
+
+    op = _native.fused_step_op()
+    p, g, m, h = (torch.zeros(4) for _ in range(4))
+    coeffs = torch.zeros(6)
+    with pytest.raises(RuntimeError, match="grads has 0 tensors"):
+        op([p], [], [m], [h], coeffs)
+    with pytest.raises(RuntimeError, match=r"hessians\[0\] must be a contiguous CPU tensor"):
+        op([p], [g], [m], [torch.zeros(5)], coeffs)
+    with pytest.raises(RuntimeError, match="coeffs must be 6 CPU scalars"):
+        op([p], [g], [m], [h], torch.zeros(5))
+    with pytest.raises(RuntimeError, match="compute dtype"):
+        op([p], [g], [m], [h], torch.zeros(6, dtype=torch.float64))

@@ -1,18 +1,33 @@
 """Shared helpers of the torch tests (imported by name; pytest puts this folder on sys.path)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from sophia import spec
 
-#: The three implementations, as SophiaG / sophia_g keyword arguments.
+#: The three implementations, as SophiaG / sophia_g keyword arguments. On CPU the
+#: fused path has two kernels: "fused" is the native one, "fused_compiled" the
+#: torch.compile one it falls back to (run with SOPHIA_TORCH_NATIVE=0, see path_env).
 PATHS = {
     "single": {"foreach": False, "fused": False},
     "foreach": {"foreach": True, "fused": False},
     "fused": {"foreach": False, "fused": True},
+    "fused_compiled": {"foreach": False, "fused": True},
 }
 path_param = pytest.mark.parametrize("path", list(PATHS))
+
+
+@contextlib.contextmanager
+def path_env(path):
+    """The environment ``path`` needs: the native CPU kernel off for "fused_compiled"."""
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "fused_compiled":
+            mp.setenv("SOPHIA_TORCH_NATIVE", "0")
+        yield
+
 
 SHAPES = [(), (0,), (3, 0), (1,), (7,), (4, 5), (2, 3, 4), (129,), (33, 17)]
 

@@ -1,0 +1,89 @@
+"""The native fused CPU kernel (``csrc/fused_cpu.cpp``), built on first use.
+
+``fused=True`` on CPU runs one C++ pass over every tensor of a (device, dtype)
+group: read ``param, grad, exp_avg, hessian``, write ``param, exp_avg``, spread
+over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
+CPU kernel. The source is compiled with ``torch.utils.cpp_extension`` (a C++17
+compiler and ninja are needed) into torch's extension cache the first time it
+is needed, about 15 s, and loaded from there afterwards. Where it cannot be
+built, :func:`fused_step_op` warns once and returns ``None``, and the fused path
+uses its ``torch.compile``-d kernel instead; both give the same bits.
+
+Set ``SOPHIA_TORCH_NATIVE=0`` to skip the native kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["fused_step_op", "native_enabled"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
+#: Rounding must be operation by operation (see the source's header comment).
+_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
+#: Vector ISA flags per ``torch.backends.cpu.get_cpu_capability()``: the kernel is
+#: built for what torch itself dispatches to on this CPU, not for ``-march=native``,
+#: so a cached build never runs instructions a machine lacks.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "AVX2": ["-mavx2"],
+}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def native_enabled() -> bool:
+    """Whether the environment allows the native kernel (``SOPHIA_TORCH_NATIVE`` is not 0)."""
+    return os.environ.get("SOPHIA_TORCH_NATIVE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _build() -> Any:
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = _ISA_FLAGS.get(capability, [])
+    cpp_extension.load(
+        name=f"sophia_native_{capability.lower()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS + isa,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.sophia_native.fused_step_
+
+
+def fused_step_op() -> Any:
+    """``torch.ops.sophia_native.fused_step_``, building it on first use; ``None`` if unavailable.
+
+    The op takes ``(params, grads, exp_avgs, hessians, coeffs)``: four lists of
+    contiguous CPU tensors of one floating dtype and matching sizes, and a
+    1-D tensor ``(b1, +-(1 - b1), rho * bs, eps, weight_decay, lr)`` in the
+    compute dtype. It updates ``params`` and ``exp_avgs`` in place and returns
+    the number of coordinates with ``r < 1`` (0-dim int64).
+    """
+    if not native_enabled():
+        return None
+    if "op" in _state:
+        return _state["op"]
+    with _lock:
+        if "op" not in _state:
+            try:
+                _state["op"] = _build()
+            except Exception as e:  # no compiler, no ninja, a read-only cache, ...
+                _state["op"] = None
+                warnings.warn(
+                    "SophiaG: the native fused CPU kernel could not be built "
+                    f"({type(e).__name__}: {str(e).strip()[:300]}); fused=True on CPU "
+                    "uses the torch.compile kernel instead (same results, slower).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _state["op"]
