@@ -400,19 +400,23 @@ def test_cli_reports_a_missing_backend(monkeypatch, capsys):
     assert "pip install 'sophiag[torch,demo]'" in capsys.readouterr().err
 
 
-def test_jax_sophia_refresh_is_gnb_over_every_label_of_the_batch():
+@pytest.mark.parametrize("hessian_batch", [None, 3])
+def test_jax_sophia_refresh_is_gnb_over_the_labels_behind_bs(hessian_batch):
     """The demo's SophiaG: ``bs`` equals the labels behind the mean loss the GNB differentiates.
 
     One update with ``k=1`` refreshes ``h`` from zero, so ``h == (1 - b2) * g_hat**2``
     with ``g_hat`` the gradient, at the pre-update parameters, of the mean
-    cross-entropy of the *whole* batch against labels sampled from the model's
-    softmax (the key the optimizer's seed gives); and the state's ``bs`` is that
-    batch's label count, ``cfg.tokens_per_step``. A ``bs`` set from the
-    sequence count, or an estimate over part of the batch, fails here.
+    cross-entropy against labels sampled from the model's softmax (the key the
+    optimizer's seed gives) over the whole batch, or over its first
+    ``hessian_batch`` sequences when that is set; and the state's ``bs`` is
+    that label count, ``cfg.hessian_tokens``. A ``bs`` set from the sequence
+    count, or an estimate over another part of the batch, fails here.
     """
     import sophia.jax as sj
 
-    cfg = dataclasses.replace(TINY, sophia=dataclasses.replace(TINY.sophia, k=1))
+    cfg = dataclasses.replace(
+        TINY, sophia=dataclasses.replace(TINY.sophia, k=1), hessian_batch=hessian_batch
+    )
     trainer = train_jax.make_trainer(cfg, cfg.sophia)
     params0 = trainer.params
     sampler = data.BatchSampler(
@@ -430,13 +434,15 @@ def test_jax_sophia_refresh_is_gnb_over_every_label_of_the_batch():
         )
         if isinstance(s, sj.ScaleBySophiaState)
     ]
-    assert float(state.bs) == cfg.tokens_per_step == y.size
+    seqs = cfg.batch_size if hessian_batch is None else hessian_batch
+    assert cfg.reuses_forward == (hessian_batch is None)
+    assert float(state.bs) == cfg.hessian_tokens == seqs * cfg.model.block_size
+    xh = jnp.asarray(x[:seqs])
     forward = model_jax.make_apply(cfg.model)
     _, sub = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    logits = forward(params0, jnp.asarray(x))
-    labels = jax.random.categorical(sub, logits, axis=-1)
-    assert labels.size == cfg.tokens_per_step
-    g_hat = jax.grad(lambda p: model_jax.cross_entropy(forward(p, jnp.asarray(x)), labels))(params0)
+    labels = jax.random.categorical(sub, forward(params0, xh), axis=-1)
+    assert labels.size == cfg.hessian_tokens
+    g_hat = jax.grad(lambda p: model_jax.cross_entropy(forward(p, xh), labels))(params0)
     b2 = cfg.sophia.b2
     for got, g in zip(jax.tree.leaves(state.hessian), jax.tree.leaves(g_hat), strict=True):
         np.testing.assert_allclose(
@@ -455,3 +461,19 @@ def test_cli_sophia_b2_and_grad_clip_flags():
     for bad in (["--sophia-b2", "1.0"], ["--grad-clip", "0"]):
         with pytest.raises(SystemExit):
             cli.main(["--preset", "tiny", *bad])
+
+
+def test_cli_hessian_batch_flag():
+    """``--hessian-batch N``: the refresh's sequences reach the config, bs follows, N is checked."""
+    tiny = train.PRESETS["tiny"]
+    cfg = cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--hessian-batch", "2"]))
+    assert cfg.hessian_batch == 2 and not cfg.reuses_forward
+    assert cfg.hessian_tokens == 2 * tiny.model.block_size < cfg.tokens_per_step
+    assert tiny.hessian_tokens == tiny.tokens_per_step and tiny.reuses_forward
+    full = cli.build_config(
+        cli.parser().parse_args(["--preset", "tiny", "--hessian-batch", str(tiny.batch_size)])
+    )
+    assert full.reuses_forward and full.hessian_tokens == tiny.tokens_per_step
+    for bad in ("0", str(tiny.batch_size + 1)):
+        with pytest.raises(ValueError, match=f"Invalid --hessian-batch: {bad} "):
+            cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--hessian-batch", bad]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -171,6 +172,34 @@ def test_trainer_schedule_refresh_and_state():
     assert 8 * trainer.n_params <= trainer.opt_state_bytes() < 8 * trainer.n_params + 1024
     adamw = train_torch.make_trainer(cfg, cfg.adamw)
     assert isinstance(adamw.optimizer, torch.optim.AdamW) and adamw.diagnostics() == {}
+
+
+@pytest.mark.parametrize("hessian_batch", [None, 2])
+def test_trainer_refresh_logits_cover_the_labels_behind_bs(hessian_batch, monkeypatch):
+    """The refresh gets the logits of the whole batch (the training forward's) or of its first
+    ``hessian_batch`` sequences at the pre-update weights, and ``bs`` is their label count."""
+    cfg = dataclasses.replace(_tiny_cfg(), hessian_batch=hessian_batch)
+    trainer = train_torch.make_trainer(cfg, cfg.sophia)
+    opt = trainer.optimizer
+    assert all(g["bs"] == cfg.hessian_tokens for g in opt.param_groups)
+    seen = []
+    real = opt.update_hessian
+
+    def spy(**kwargs):
+        seen.append(kwargs["logits"].detach().clone())
+        return real(**kwargs)
+
+    monkeypatch.setattr(opt, "update_hessian", spy)
+    x = _tokens(cfg.batch_size)
+    with torch.no_grad():
+        want = trainer.model(torch.from_numpy(x.astype(np.int64)))
+    trainer.step(x, np.roll(x, -1, axis=1))
+    (logits,) = seen
+    seqs = cfg.batch_size if hessian_batch is None else hessian_batch
+    assert logits.shape[:-1] == (seqs, TINY_MODEL.block_size)
+    assert logits[..., 0].numel() == cfg.hessian_tokens
+    torch.testing.assert_close(logits, want[:seqs], rtol=0, atol=1e-6)
+    assert float(opt.state[trainer.model.wte.weight]["hessian"].abs().sum()) > 0
 
 
 # ---------------------------------------------------------------- --framework both

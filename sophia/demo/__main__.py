@@ -76,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-batches", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--hessian-batch",
+        type=int,
+        metavar="N",
+        help="SophiaG's Hessian refresh on the first N sequences of the batch (own forward) "
+        "instead of the whole batch (training forward reused); bs follows",
+    )
     g.add_argument("--text", metavar="PATH", help="train on this file instead of the stdlib")
     g.add_argument(
         "--max-bytes",
@@ -136,6 +143,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "eval_interval": args.eval_interval,
         "eval_batches": args.eval_batches,
         "seed": args.seed,
+        "hessian_batch": args.hessian_batch,
         "text": args.text,
         "max_bytes": args.max_bytes,
     }
@@ -157,6 +165,11 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"Invalid --sophia-b2: {cfg.sophia.b2} (allowed: 0 <= b2 < 1)")
     if cfg.grad_clip <= 0:
         raise ValueError(f"Invalid --grad-clip: {cfg.grad_clip} (allowed: > 0)")
+    if cfg.hessian_batch is not None and not 1 <= cfg.hessian_batch <= cfg.batch_size:
+        raise ValueError(
+            f"Invalid --hessian-batch: {cfg.hessian_batch} "
+            f"(allowed: 1 <= N <= --batch-size, {cfg.batch_size})"
+        )
     if cfg.sophia.k < 1:
         raise ValueError(f"Invalid --hessian-interval: {cfg.sophia.k} (allowed: >= 1)")
     return cfg

@@ -27,10 +27,13 @@ What a backend must match so that its runs are comparable with the JAX ones
 * the learning rate :func:`lr_at` at update ``step`` (0-based), with weight
   decay multiplied by it (AdamW-style decoupled decay), applied only where
   :func:`sophia.demo.model.decays` says so;
-* SophiaG: ``bs = cfg.tokens_per_step``; the Hessian refresh on updates with
-  ``step % k == 0``, *before* that update, from the same batch: labels sampled
-  from the model's own softmax, the gradient of their mean cross-entropy
-  squared (GNB), ideally reusing the training forward (one extra backward);
+* SophiaG: ``bs = cfg.hessian_tokens``, the labels behind each GNB estimate;
+  the Hessian refresh on updates with ``step % k == 0``, *before* that update,
+  from the same batch: labels sampled from the model's own softmax, the
+  gradient of their mean cross-entropy squared (GNB). Over the whole batch
+  (``cfg.hessian_batch`` unset) it reuses the training forward (one extra
+  backward); over the first ``cfg.hessian_batch`` sequences it runs its own
+  forward and backward on them (a fraction of a training step);
 * ``Trainer.step`` returns the loss as a Python float only once the update has
   finished on the device (so the driver's timing is the step's).
 """
@@ -152,6 +155,12 @@ class RunConfig:
       eval_interval: validation every this many steps (and at 0 and the end).
       eval_batches: validation batches (fixed, the same at every evaluation).
       seed: seeds the initial weights, the batch order and SophiaG's label sampling.
+      hessian_batch: sequences of each batch (the first ones) behind SophiaG's
+        Hessian refresh; ``None`` means the whole batch, with the training
+        forward reused. A part of the batch costs its own forward and
+        backward, ``hessian_batch / batch_size`` of a training step's, and the
+        estimate is noisier; ``bs`` follows it (:attr:`hessian_tokens`), so
+        ``rho * bs * h`` estimates the same Gauss-Newton diagonal.
       text: a text file to train on instead of the standard library.
       max_bytes: cap on the corpus bytes.
       sophia: SophiaG's hyperparameters.
@@ -167,6 +176,7 @@ class RunConfig:
     eval_interval: int = 25
     eval_batches: int = 8
     seed: int = 0
+    hessian_batch: int | None = None
     text: str | None = None
     max_bytes: int = 8_000_000
     sophia: OptimConfig = dataclasses.field(default_factory=sophiag)
@@ -174,8 +184,19 @@ class RunConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens per batch: SophiaG's ``bs``."""
+        """Tokens per batch."""
         return self.batch_size * self.model.block_size
+
+    @property
+    def hessian_tokens(self) -> int:
+        """Labels behind each GNB estimate: SophiaG's ``bs``."""
+        seqs = self.batch_size if self.hessian_batch is None else self.hessian_batch
+        return seqs * self.model.block_size
+
+    @property
+    def reuses_forward(self) -> bool:
+        """Whether the Hessian refresh reuses the training forward (it covers the whole batch)."""
+        return self.hessian_batch is None or self.hessian_batch == self.batch_size
 
     @property
     def optimizers(self) -> tuple[OptimConfig, OptimConfig]:
@@ -194,7 +215,10 @@ class RunConfig:
 
 #: Named run shapes. ``default`` is sized for a 2-core CPU (a few minutes for
 #: both optimizers); its learning rates and rho are the winners of ``--sweep``
-#: on that shape (see :data:`SWEEP_SOPHIA_LRS`). ``tiny`` is a seconds-long
+#: on that shape (see :data:`SWEEP_SOPHIA_LRS`); its Hessian refresh runs on a
+#: quarter of the batch (``hessian_batch=4``: a quarter of a step's work instead
+#: of one extra backward, the final loss within 0.013 nats of the whole-batch
+#: refresh in either framework; see docs/demo_findings.md). ``tiny`` is a seconds-long
 #: smoke run with larger, unswept learning rates. ``gpt2-small`` is the
 #: paper's model shape with a byte vocabulary, for an accelerator, with the
 #: paper's GPT-2-small recipes.
@@ -217,6 +241,7 @@ PRESETS: dict[str, RunConfig] = {
         warmup=20,
         eval_interval=20,
         eval_batches=8,
+        hessian_batch=4,
         sophia=sophiag(lr=5e-4, rho=0.3),
         adamw=adamw(lr=4e-3),
     ),
@@ -732,6 +757,13 @@ def _describe_run(cfg: RunConfig, corpus: Corpus) -> list[str]:
         f"{cfg.tokens_per_step:,} tokens/step, warm-up {cfg.warmup}, cosine to "
         f"{cfg.min_lr_ratio:g} lr, clip {cfg.grad_clip:g}, eval every {cfg.eval_interval} "
         f"on {cfg.eval_batches} batches, seed {cfg.seed}",
+        "SophiaG Hessian refresh: "
+        + (
+            "whole batch, training forward reused"
+            if cfg.reuses_forward
+            else f"first {cfg.hessian_batch} of {cfg.batch_size} sequences, own forward"
+        )
+        + f", bs {cfg.hessian_tokens:,}",
     ]
 
 

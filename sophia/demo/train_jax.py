@@ -60,7 +60,7 @@ def make_schedule(opt: OptimConfig, cfg: RunConfig) -> Callable[[jax.Array], jax
 def make_optimizer(opt: OptimConfig, cfg: RunConfig) -> optax.GradientTransformationExtraArgs:
     """Gradient clipping, then SophiaG or AdamW with the schedule and the decay mask.
 
-    SophiaG's ``bs`` is the tokens per batch (the labels behind each GNB
+    SophiaG's ``bs`` is ``cfg.hessian_tokens`` (the labels behind each GNB
     estimate) and its label sampling is seeded with ``cfg.seed``.
     """
     schedule = make_schedule(opt, cfg)
@@ -71,7 +71,7 @@ def make_optimizer(opt: OptimConfig, cfg: RunConfig) -> optax.GradientTransforma
             b2=opt.b2,
             rho=opt.rho,
             weight_decay=opt.weight_decay,
-            bs=cfg.tokens_per_step,
+            bs=cfg.hessian_tokens,
             eps=opt.eps,
             hessian_update_interval=opt.k,
             estimator="gnb",
@@ -131,14 +131,19 @@ class JaxTrainer:
         self.n_params = model_jax.param_count(self.params)
         sophia = opt.name == "sophiag"
         tx = self.tx
+        n_hess = cfg.hessian_batch
 
         def train_step(params, opt_state, x, y):  # noqa: ANN001, ANN202
             logits, vjp = jax.vjp(lambda p: forward(p, x), params)
             loss, dlogits = jax.value_and_grad(model_jax.cross_entropy)(logits, y)
             (grads,) = vjp(dlogits)
-            if sophia:
+            if sophia and cfg.reuses_forward:
                 updates, opt_state = tx.update(
                     grads, opt_state, params, logits=logits, logits_vjp=vjp
+                )
+            elif sophia:  # its own forward on the first sequences, inside the refresh branch
+                updates, opt_state = tx.update(
+                    grads, opt_state, params, logits_fn=lambda p: forward(p, x[:n_hess])
                 )
             else:
                 updates, opt_state = tx.update(grads, opt_state, params)
