@@ -3,6 +3,7 @@
 No timing thresholds: the numbers depend on the machine and its load.
 """
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "refresh_cost.py"
-VARIANTS = ["adamw", "sophia_plain", "sophia_refresh", "fwd_bwd", "forward"]
+VARIANTS = ["adamw", "sophia_plain", "sophia_refresh", "sophia_k10", "fwd_bwd", "forward"]
 # Ratios of step times: positive whatever the load.
 RATIOS = ["refresh_over_plain", "plain_over_adamw", "k10_over_adamw"]
 # Built on a difference of two times: 2 samples on a loaded machine can invert a
@@ -61,7 +62,12 @@ def test_refresh_cost_small_writes_every_figure(tmp_path):
             for key in ("median_ms", "min_ms", "max_ms", "first_call_s"):
                 assert _positive(r[key]), (fw, name, key)
             assert r["min_ms"] <= r["median_ms"] <= r["max_ms"], (fw, name)
-        assert set(d["figures"]) == set(RATIOS + DIFFERENCES), fw
+        assert set(d["figures"]) == set(RATIOS + DIFFERENCES + ["k10_run_over_adamw"]), fw
+        # 2 rounds hold no whole cycle of 10 steps: the verdict is the composed figure
+        run = d["figures"].pop("k10_run_over_adamw")
+        assert run == {"paired": None, "total": None, "cycles": 0}, fw
+        assert d["verdict_k10_over_adamw"] == d["figures"]["k10_over_adamw"]["median"], fw
+        assert d["meets_target"] == (d["verdict_k10_over_adamw"] <= 1.08), fw
         for name, stats in d["figures"].items():
             assert set(stats) == {"median", "min", "paired"}, (fw, name)
             check = _positive if name in RATIOS else _finite
@@ -71,3 +77,23 @@ def test_refresh_cost_small_writes_every_figure(tmp_path):
     printed = proc.stdout
     for word in ("machine:", "loadavg", "k10_over_adamw", "target <= 1.08", *VARIANTS):
         assert word in printed, word
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("refresh_cost", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_k10_run_figure_is_per_cycle_sums_over_whole_cycles():
+    """Cycles of 10 consecutive rounds: sum over sum, the median over cycles, the rest dropped."""
+    rc = _bench_module()
+    assert rc.K == 10
+    adamw = [1.0] * 25
+    sophia = [2.0] + [1.0] * 9 + [1.5] + [1.0] * 9 + [100.0] * 5  # 5 rounds past 2 cycles
+    fig = rc.k10_run_figure(sophia, adamw)
+    assert fig["cycles"] == 2
+    assert fig["paired"] == pytest.approx((11.0 / 10 + 10.5 / 10) / 2)
+    assert fig["total"] == pytest.approx(21.5 / 20)
+    assert rc.k10_run_figure(sophia[:9], adamw[:9]) == {"paired": None, "total": None, "cycles": 0}
