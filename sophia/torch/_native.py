@@ -14,9 +14,12 @@ Set ``SOPHIA_TORCH_NATIVE=0`` to skip the native kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +47,47 @@ def native_enabled() -> bool:
     return os.environ.get("SOPHIA_TORCH_NATIVE", "1").strip().lower() not in ("0", "false", "no")
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``PATH`` with the ``ninja`` package's binary while building, if ``ninja`` is not on it.
+
+    ``cpp_extension`` runs ``ninja`` by name; an environment used without being
+    activated (a notebook kernel, ``venv/bin/python script.py``) has the pip
+    package installed but not on ``PATH``.
+    """
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(x for x in (ninja.BIN_DIR, old) if x)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = old
+
+
 def _build() -> Any:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
     isa = _ISA_FLAGS.get(capability, [])
-    cpp_extension.load(
-        name=f"sophia_native_{capability.lower()}",
-        sources=[str(_SOURCE)],
-        extra_cflags=_CFLAGS + isa,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=f"sophia_native_{capability.lower()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS + isa,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     return torch.ops.sophia_native.fused_step_
 
 

@@ -1,5 +1,7 @@
 """Every implementation against the spec's NumPy reference, to the bit."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -444,3 +446,19 @@ def test_native_op_rejects_mismatched_inputs():
         op([p], [g], [m], [h], torch.zeros(5))
     with pytest.raises(RuntimeError, match="compute dtype"):
         op([p], [g], [m], [h], torch.zeros(6, dtype=torch.float64))
+
+
+def test_native_build_finds_the_ninja_package_off_path(monkeypatch):
+    """An environment used without activation has ninja installed but not on PATH."""
+    import ninja
+
+    from sophia.torch import _native
+
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    with _native._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+    assert os.environ["PATH"] == "/nowhere"
+    monkeypatch.setattr(_native.shutil, "which", lambda name: "/usr/bin/ninja")
+    with _native._ninja_on_path():
+        assert os.environ["PATH"] == "/nowhere"
