@@ -12,13 +12,14 @@ only on the first; both optimizers multiply it by the learning rate, like
 the JAX backend's). Runs on CUDA when available, else on the CPU.
 
 The model runs eagerly. On the CPU both optimizers take their fused path
-(SophiaG's native kernel, torch's fused AdamW): one pass over all
-parameters each, against 10-16 kernel launches per tensor on the for-loop
-paths, which at the default size (220K parameters in 34 tensors, 2 CPU
-cores) were 3-6% of a step. Elsewhere they use torch's default for the
-device (foreach on CUDA). On a CPU shared with other work, torch's
-intra-op threads wait on each other at every kernel: ``OMP_NUM_THREADS=1``
-can then be several times faster.
+(SophiaG's native kernel, torch's fused AdamW): one call over all
+parameters each, where the for-loop paths launch several kernels per
+tensor; at the default size (220K parameters in 52 tensors, 2 CPU cores)
+that measured 4.1 ms (SophiaG) and 3.0 ms (AdamW) per for-loop step
+against 1.3 and 0.8 ms fused, in a training step of about 30 ms.
+Elsewhere they use torch's default for the device (foreach on CUDA). On a
+CPU shared with other work, torch's intra-op threads wait on each other at
+every kernel: ``OMP_NUM_THREADS=1`` can then be several times faster.
 """
 
 from __future__ import annotations
