@@ -134,8 +134,9 @@ def _reductions(jaxpr):
     """Names of the reduction primitives in ``jaxpr`` and every jaxpr nested in it."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith(("reduce_", "argmax", "argmin")):
-            found.append(eqn.primitive.name)
+        name = eqn.primitive.name
+        if name == "reduce" or name.startswith(("reduce_", "argmax", "argmin")):
+            found.append(name)
         for value in eqn.params.values():
             for sub in _sub_jaxprs(value):
                 found += _reductions(sub)

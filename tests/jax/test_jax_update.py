@@ -115,6 +115,23 @@ def test_single_step_bit_identical_float32(maximize, jit):
     assert int(new_s[0].count) == 1
 
 
+def test_win_rate_counts_nan_ratios_as_clipped_jitted_and_eager():
+    """A NaN ``r`` (NaN gradient or Hessian) is not ``r < 1``: clipped, jitted and op by op."""
+    leaves = random_state(4, [(5, 4), (9,), ()])
+    leaves[0][1][1, 2] = np.nan  # gradient
+    leaves[1][3][4] = np.nan  # Hessian
+    tx = _tx()
+    params, state = _set_state(tx, leaves)
+    grads = [jnp.asarray(g) for _, g, _, _ in leaves]
+    rates = [tx.update(grads, state, params)[1][0].win_rate]
+    rates.append(jax.jit(lambda g, s, p: tx.update(g, s, p)[1][0].win_rate)(grads, state, params))
+    _, n_win = reference_step(leaves, **HP)
+    n = sum(x[0].size for x in leaves)
+    for rate in rates:
+        assert rate == np.float32(n_win) / np.float32(n)
+    assert n_win <= n - 2
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_single_step_bit_identical_float64(x64, jit):
     leaves = random_state(1, SHAPES, dtype=np.float64)
