@@ -172,6 +172,10 @@ def test_trainer_schedule_refresh_and_state():
     assert 8 * trainer.n_params <= trainer.opt_state_bytes() < 8 * trainer.n_params + 1024
     adamw = train_torch.make_trainer(cfg, cfg.adamw)
     assert isinstance(adamw.optimizer, torch.optim.AdamW) and adamw.diagnostics() == {}
+    # on the CPU both take their fused path (SophiaG's native kernel, torch's fused AdamW)
+    assert trainer.device.type == "cpu"
+    assert all(g["fused"] is True for g in opt.param_groups)
+    assert all(g["fused"] is True for g in adamw.optimizer.param_groups)
 
 
 @pytest.mark.parametrize("hessian_batch", [None, 2])
