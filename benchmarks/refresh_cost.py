@@ -41,7 +41,8 @@ The variants run interleaved, every round in a fresh random order (seeded by
 ``--seed``; the ``k = 2`` SophiaG trainer stepped twice a round), so background
 load hits them alike and no variant always follows the same one. A fixed
 rotation always ran the ``k = 10`` trainer right after the ``k = 2`` one; on a
-2-core EPYC that read 1.11-1.12 for JAX's ``k10_run_over_adamw`` where a
+2-core EPYC that read 1.11-1.12 for JAX's ``k10_run_over_adamw`` (refresh
+on 4 of 16 sequences) where a
 random order read 1.05 and the two trainers alone, interleaved, 1.02-1.05. Every
 variant sees the same batch within a round (random bytes: the timing does not
 depend on the tokens). The frameworks run one after the other.
