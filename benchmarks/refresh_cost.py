@@ -384,9 +384,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = PRESETS[preset]
     if args.hessian_batch is not None:
-        if not 1 <= args.hessian_batch <= cfg.batch_size:
-            ap.error(f"--hessian-batch must be in [1, {cfg.batch_size}]")
-        cfg = dataclasses.replace(cfg, hessian_batch=args.hessian_batch)
+        try:
+            cfg = dataclasses.replace(cfg, hessian_batch=args.hessian_batch)
+        except ValueError as e:  # RunConfig's check
+            ap.error(f"--hessian-batch: {e}")
     info = host_info(frameworks)
     per_fw = {fw: bench_framework(fw, cfg, args.warmup, repeats, args.seed) for fw in frameworks}
     info["loadavg_end"] = list(os.getloadavg())

@@ -477,3 +477,13 @@ def test_cli_hessian_batch_flag():
     for bad in ("0", str(tiny.batch_size + 1)):
         with pytest.raises(ValueError, match=f"Invalid --hessian-batch: {bad} "):
             cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--hessian-batch", bad]))
+    # the default preset's quarter batch does not fit a smaller --batch-size: named, not clipped
+    with pytest.raises(ValueError, match="Invalid --hessian-batch: 4, the default preset's "):
+        cli.build_config(cli.parser().parse_args(["--batch-size", "2"]))
+    small = cli.build_config(cli.parser().parse_args(["--batch-size", "2", "--hessian-batch", "1"]))
+    assert small.hessian_batch == 1 and small.hessian_tokens == small.model.block_size
+    # RunConfig itself refuses a refresh batch larger than the batch (bs would count
+    # labels the refresh never sees)
+    for bad in (0, tiny.batch_size + 1):
+        with pytest.raises(ValueError, match=f"Invalid hessian_batch: {bad} "):
+            dataclasses.replace(tiny, hessian_batch=bad)

@@ -143,15 +143,24 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "eval_interval": args.eval_interval,
         "eval_batches": args.eval_batches,
         "seed": args.seed,
-        "hessian_batch": args.hessian_batch,
         "text": args.text,
         "max_bytes": args.max_bytes,
     }
+    # checked here, before RunConfig checks it, so that the message names the flags
+    hessian_batch = cfg.hessian_batch if args.hessian_batch is None else args.hessian_batch
+    batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
+    if hessian_batch is not None and not 1 <= hessian_batch <= max(batch_size, 1):
+        source = "" if args.hessian_batch is not None else f", the {args.preset} preset's"
+        raise ValueError(
+            f"Invalid --hessian-batch: {hessian_batch}{source} "
+            f"(allowed: 1 <= N <= --batch-size, {batch_size})"
+        )
     cfg = dataclasses.replace(
         cfg,
         model=model,
         sophia=sophia,
         adamw=adamw,
+        hessian_batch=hessian_batch,
         **{k: v for k, v in run.items() if v is not None},
     )
     for name in ("steps", "batch_size", "eval_interval", "eval_batches"):
@@ -165,11 +174,6 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"Invalid --sophia-b2: {cfg.sophia.b2} (allowed: 0 <= b2 < 1)")
     if cfg.grad_clip <= 0:
         raise ValueError(f"Invalid --grad-clip: {cfg.grad_clip} (allowed: > 0)")
-    if cfg.hessian_batch is not None and not 1 <= cfg.hessian_batch <= cfg.batch_size:
-        raise ValueError(
-            f"Invalid --hessian-batch: {cfg.hessian_batch} "
-            f"(allowed: 1 <= N <= --batch-size, {cfg.batch_size})"
-        )
     if cfg.sophia.k < 1:
         raise ValueError(f"Invalid --hessian-interval: {cfg.sophia.k} (allowed: >= 1)")
     return cfg

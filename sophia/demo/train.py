@@ -182,6 +182,14 @@ class RunConfig:
     sophia: OptimConfig = dataclasses.field(default_factory=sophiag)
     adamw: OptimConfig = dataclasses.field(default_factory=adamw)
 
+    def __post_init__(self) -> None:
+        # a larger value would refresh on the whole batch with bs counting labels it lacks
+        if self.hessian_batch is not None and not 1 <= self.hessian_batch <= self.batch_size:
+            raise ValueError(
+                f"Invalid hessian_batch: {self.hessian_batch} "
+                f"(allowed: None or 1 <= hessian_batch <= batch_size, {self.batch_size})"
+            )
+
     @property
     def tokens_per_step(self) -> int:
         """Tokens per batch."""
