@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULTS",
     "DYNAMIC_FACTOR",
     "DYNAMIC_RANGE",
+    "REFERENCE_BS",
     "WIN_RATE_BAND",
     "SophiaHyperParams",
     "compute_dtype",
@@ -79,6 +80,9 @@ WIN_RATE_BAND: tuple[float, float] = (0.1, 0.5)
 DYNAMIC_FACTOR: float = 1.25
 #: Dynamic rho stays within ``[rho0 / DYNAMIC_RANGE, rho0 * DYNAMIC_RANGE]``.
 DYNAMIC_RANGE: float = 100.0
+#: The label count of the paper's code (its ``step(bs=5120)`` default), used where
+#: ``bs`` is ``None`` and no refresh has told how many labels are behind the estimate.
+REFERENCE_BS: int = 5120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +95,10 @@ class SophiaHyperParams:
       rho: clipping scale :math:`\rho` (the paper's gamma).
       weight_decay: decoupled weight decay :math:`\lambda`.
       eps: added to the denominator.
-      bs: number of sampled labels behind each GNB estimate (the reference
-        code's ``step(bs=5120)``); the denominator is ``rho * bs * h``.
+      bs: number of sampled labels behind each GNB estimate; the denominator
+        is ``rho * bs * h``. ``None`` (the default): the label count of the
+        latest GNB refresh (the masked-in positions of its logits), or
+        :data:`REFERENCE_BS` where no refresh has given one.
       hessian_update_interval: refresh ``h`` every ``k`` steps (``None``: the
         user refreshes it by hand).
       maximize: ascend instead of descend.
@@ -105,7 +111,7 @@ class SophiaHyperParams:
     rho: float = 0.04
     weight_decay: float = 1e-1
     eps: float = 1e-15
-    bs: float = 5120
+    bs: float | None = None
     hessian_update_interval: int | None = 10
     maximize: bool = False
     dynamic: bool = False
@@ -179,7 +185,7 @@ def validate(
     rho: Any = 0.04,
     weight_decay: Any = 1e-1,
     eps: Any = 1e-15,
-    bs: Any = 5120,
+    bs: Any = None,
     hessian_update_interval: Any = 10,
     maximize: Any = False,
     dynamic: Any = False,
@@ -189,7 +195,9 @@ def validate(
     A value that is not concrete (a learning-rate schedule, a traced array
     inside ``optax.inject_hyperparams``) is left to the framework. Raises
     ``ValueError`` naming the argument, the value and what is allowed, e.g.
-    ``Invalid rho: -1.0 (allowed: a number in (0, inf))``.
+    ``Invalid rho: -1.0 (allowed: a number in (0, inf))``. ``bs=None`` is
+    valid: the label count of the latest GNB refresh (see
+    :class:`SophiaHyperParams`).
     """
     inf = math.inf
     _check_number("lr", lr, 0.0, inf, False, True)
@@ -200,7 +208,8 @@ def validate(
     _check_number("rho", rho, 0.0, inf, True, True)
     _check_number("weight_decay", weight_decay, 0.0, inf, False, True)
     _check_number("eps", eps, 0.0, inf, False, True)
-    _check_number("bs", bs, 0.0, inf, True, True)
+    if bs is not None:
+        _check_number("bs", bs, 0.0, inf, True, True)
     _check_interval(hessian_update_interval)
     _check("maximize", maximize, isinstance(maximize, (bool, np.bool_)), "True or False")
     _check("dynamic", dynamic, isinstance(dynamic, (bool, np.bool_)), "True or False")
@@ -230,7 +239,7 @@ def sophia_update(
     lr: float = DEFAULTS.lr,
     b1: float = DEFAULTS.betas[0],
     rho: float = DEFAULTS.rho,
-    bs: float = DEFAULTS.bs,
+    bs: float = REFERENCE_BS,
     weight_decay: float = DEFAULTS.weight_decay,
     eps: float = DEFAULTS.eps,
     maximize: bool = False,
@@ -241,7 +250,8 @@ def sophia_update(
       theta, g, m, h: parameter, gradient, momentum and Hessian EMA. Their
         dtypes are the storage dtypes; the math runs in :func:`compute_dtype`.
       lr, b1, rho, bs, weight_decay, eps, maximize: as in
-        :class:`SophiaHyperParams`.
+        :class:`SophiaHyperParams`, except that ``bs`` is the number actually
+        used (no ``None``: the reference update knows no refresh).
 
     Returns:
       ``(theta_new, m_new, n_win)``: the new parameter and momentum in their

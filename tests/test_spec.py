@@ -53,6 +53,7 @@ def test_validate_names_argument_value_and_range(name, value, allowed):
         {"lr": np.float32(1e-3), "rho": np.array(0.03)},
         {"lr": lambda count: 1e-3},  # a schedule: the framework evaluates it
         {"maximize": np.bool_(True), "dynamic": True},
+        {"bs": None},  # the label count of the latest GNB refresh
     ],
 )
 def test_validate_accepts_valid(kw):
@@ -62,10 +63,23 @@ def test_validate_accepts_valid(kw):
 def test_defaults_are_the_seed_signature():
     d = spec.DEFAULTS
     assert (d.lr, d.betas, d.rho, d.weight_decay) == (1e-4, (0.965, 0.99), 0.04, 1e-1)
-    assert (d.eps, d.bs, d.hessian_update_interval) == (1e-15, 5120, 10)
+    assert (d.eps, d.bs, d.hessian_update_interval) == (1e-15, None, 10)
     assert (d.maximize, d.dynamic) == (False, False)
     with pytest.raises(ValueError, match="rho"):
         spec.SophiaHyperParams(rho=-1)
+
+
+def test_reference_update_defaults_to_the_papers_label_count():
+    """bs=None exists only where a refresh can supply the count; the reference takes 5120."""
+    rng = np.random.default_rng(0)
+    theta, g, m = (rng.normal(size=7).astype(np.float32) for _ in range(3))
+    h = np.abs(rng.normal(size=7)).astype(np.float32)  # r < 1: bs matters
+    assert spec.REFERENCE_BS == 5120
+    got = spec.sophia_update(theta, g, m, h)
+    want = spec.sophia_update(theta, g, m, h, bs=spec.REFERENCE_BS)
+    other = spec.sophia_update(theta, g, m, h, bs=spec.REFERENCE_BS / 2)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert not np.array_equal(got[0], other[0])
 
 
 def _update_by_hand(theta, g, m, h, lr, b1, rho, bs, wd, eps, maximize):

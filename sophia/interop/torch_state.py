@@ -102,17 +102,19 @@ def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
         return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
     b1, b2 = group["betas"]
-    return {
+    out = {
         "lr": num(group["lr"]),
         "b1": num(b1),
         "b2": num(b2),
         "rho": num(group["rho"]),
         "weight_decay": num(group["weight_decay"]),
         "eps": num(group["eps"]),
-        "bs": num(group["bs"]),
         "maximize": bool(group["maximize"]),
         "dynamic": bool(group["dynamic"]),
     }
+    if group["bs"] is not None:  # None: the label count of the refresh, not a hyperparameter
+        out["bs"] = num(group["bs"])
+    return out
 
 
 def from_torch(

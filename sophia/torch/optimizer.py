@@ -101,7 +101,7 @@ class SophiaG(Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         dynamic: bool = False,
-        bs: float = _D.bs,
+        bs: float | None = _D.bs,
         eps: float = _D.eps,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -333,7 +333,7 @@ class SophiaG(Optimizer):
                 lr=group["lr"],
                 beta1=group["betas"][0],
                 rho=gs["rho"] if group["dynamic"] else group["rho"],
-                bs=group["bs"] if bs is None else bs,
+                bs=_effective_bs(group, bs),
                 weight_decay=group["weight_decay"],
                 eps=group["eps"],
                 maximize=group["maximize"],
@@ -466,6 +466,12 @@ class SophiaG(Optimizer):
                 }
             )
         return out
+
+
+def _effective_bs(group: dict[str, Any], bs: float | Tensor | None) -> float | Tensor:
+    if bs is not None:
+        return bs
+    return spec.REFERENCE_BS if group["bs"] is None else group["bs"]
 
 
 def _combine_norms(norms: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
