@@ -9,7 +9,9 @@ param group ``i``:
   dtype (bfloat16 as its uint16 bit pattern, since NumPy has no bfloat16);
 * ``group<i>/rho``, ``group<i>/win_rate``: 0-d, the group's scalar dtype;
 * ``group<i>/step``: 0-d int64;
-* ``group<i>/key``: optional, the raw ``uint32`` data of a JAX PRNG key.
+* ``group<i>/key``: optional, the raw ``uint32`` data of a JAX PRNG key;
+* ``group<i>/label_count``: optional, 0-d int64, the label count of the latest
+  GNB refresh (the ``bs`` that ``bs=None`` follows).
 
 The safetensors metadata holds ``format`` (:data:`FORMAT_NAME`),
 ``format_version`` (:data:`FORMAT_VERSION`) and ``sophia``: JSON with, per
@@ -103,6 +105,8 @@ class GroupState:
         or ``None`` (a torch state has none).
       key_impl: the JAX PRNG implementation name of a typed key, or ``None``
         for a raw ``uint32`` key.
+      label_count: the number of labels of the latest GNB refresh (the ``bs``
+        a ``bs=None`` optimizer uses), or ``None`` if unknown.
     """
 
     names: list[str]
@@ -115,6 +119,7 @@ class GroupState:
     hyperparams: dict[str, Any]
     key: np.ndarray | None = None
     key_impl: str | None = None
+    label_count: int | None = None
 
     @property
     def scalar_dtype(self) -> str:
@@ -237,6 +242,11 @@ class Checkpoint:
                     _fail(f"{where}: key must be a uint32 array of raw PRNG key data")
             if g.key_impl is not None and (g.key is None or not isinstance(g.key_impl, str)):
                 _fail(f"{where}: key_impl needs a key and must be a string")
+            lc = g.label_count
+            if lc is not None and (
+                isinstance(lc, bool) or not isinstance(lc, (int, np.integer)) or lc < 1
+            ):
+                _fail(f"{where}: label_count must be an integer >= 1 or None, got {lc!r}")
 
 
 def _validate_hyperparams(hp: Any, where: str) -> None:
@@ -332,6 +342,8 @@ def save(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
         tensors[f"group{gi}/step"] = np.asarray(int(g.step), np.int64)
         if g.key is not None:
             tensors[f"group{gi}/key"] = np.array(g.key, order="C")
+        if g.label_count is not None:
+            tensors[f"group{gi}/label_count"] = np.asarray(int(g.label_count), np.int64)
         groups.append(
             {
                 "names": list(g.names),
@@ -401,6 +413,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
         keys += [f"group{gi}/{k}" for k in ("rho", "win_rate", "step")]
         if rg.get("has_key"):
             keys.append(f"group{gi}/key")
+        if f"group{gi}/label_count" in tensors:
+            keys.append(f"group{gi}/label_count")
         missing = [k for k in keys if k not in tensors]
         if missing:
             _fail(f"{where}: missing tensors {missing}")
@@ -408,6 +422,12 @@ def load(path: str | os.PathLike) -> Checkpoint:
         step = tensors[f"group{gi}/step"]
         if step.dtype != np.int64 or step.shape != ():
             _fail(f"{where}: group{gi}/step must be a 0-d int64, got {step.dtype} {step.shape}")
+        count = tensors.get(f"group{gi}/label_count")
+        if count is not None and (count.dtype != np.int64 or count.shape != ()):
+            _fail(
+                f"{where}: group{gi}/label_count must be a 0-d int64, got {count.dtype} "
+                f"{count.shape}"
+            )
         groups.append(
             GroupState(
                 names=list(names),
@@ -420,6 +440,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
                 hyperparams=dict(rg["hyperparams"]),
                 key=tensors.get(f"group{gi}/key") if rg.get("has_key") else None,
                 key_impl=rg.get("key_impl"),
+                label_count=None if count is None else int(count),
             )
         )
     extra = sorted(set(tensors) - expected)

@@ -15,6 +15,7 @@ from sophia.interop.checkpoint import (
     hyperparam_mismatches,
     mismatch_error,
 )
+from sophia.torch.optimizer import _COUNT, _RHO, _STEP, _WIN
 
 __all__ = ["from_torch", "to_torch", "torch_param_names", "torch_state_dict"]
 
@@ -128,8 +129,11 @@ def from_torch(
     as the optimizer would create them (needs the optimizer, for the shape).
     torch's per-parameter ``step`` does not enter the update; the group's
     counter is kept (and given back to every parameter by :func:`to_torch`).
-    A state dict in the paper's reference layout (no ``sophia_state``) is read
-    the way ``SophiaG.load_state_dict`` reads it.
+    The group tensors are read from the state of each group's first parameter,
+    or from ``param_group["sophia_state"]`` (the earlier layout); a state dict
+    in the paper's reference layout (neither) is read the way
+    ``SophiaG.load_state_dict`` reads it. The label count of the latest GNB
+    refresh (what ``bs=None`` uses) is kept when there is one.
 
     Args:
       optimizer: a ``SophiaG`` or a state dict it returned.
@@ -183,12 +187,18 @@ def from_torch(
             g_names.append(n)
             k += 1
         sdt = np.float64 if wide else np.float32
-        gs = group.get("sophia_state")
-        if gs is not None:
-            step = float(gs["step"])
-            rho = np.asarray(gs["rho"].detach().cpu().numpy(), sdt).reshape(())
-            win = np.asarray(gs["win_rate"].detach().cpu().numpy(), sdt).reshape(())
-        else:  # the paper's layout: as SophiaG.__setstate__ rebuilds it
+        host = state.get(group["params"][0], {}) if group["params"] else {}
+        # the group tensors: in the first parameter's state, or (earlier layout) in the group
+        gs = {k: host[k] for k in (_STEP, _RHO, _WIN) if k in host}
+        if len(gs) < 3 and "sophia_state" in group:
+            old = group["sophia_state"]
+            gs = {_STEP: old["step"], _RHO: old["rho"], _WIN: old["win_rate"]}
+        count = host.get(_COUNT)
+        if len(gs) == 3:
+            step = float(gs[_STEP])
+            rho = np.asarray(gs[_RHO].detach().cpu().numpy(), sdt).reshape(())
+            win = np.asarray(gs[_WIN].detach().cpu().numpy(), sdt).reshape(())
+        else:  # the paper's layout (or no step yet): as SophiaG.__setstate__ rebuilds it
             step = max(per_param_steps, default=0.0)
             rho = np.asarray(float(group["rho"]), sdt).reshape(())
             win = np.asarray(math.nan if step else 0.0, sdt)
@@ -204,6 +214,7 @@ def from_torch(
                 hessian=hess,
                 dtypes=dtypes,
                 hyperparams=_hyperparams(group),
+                label_count=None if count is None else int(count),
             )
         )
     ckpt = Checkpoint(groups)
@@ -291,13 +302,14 @@ def torch_state_dict(
                 "exp_avg": _to_torch(cg.mu[n], cg.dtypes[f"mu/{n}"]),
                 "hessian": _to_torch(cg.hessian[n], cg.dtypes[f"hessian/{n}"]),
             }
-        ng = dict(tgroup)
-        ng["sophia_state"] = {
-            "step": torch.tensor(float(cg.step), dtype=torch.float32),
-            "rho": torch.from_numpy(np.array(cg.rho, copy=True)).to(sdt).reshape(()),
-            "win_rate": torch.from_numpy(np.array(cg.win_rate, copy=True)).to(sdt).reshape(()),
-        }
-        new_groups.append(ng)
+        if g_names:  # the group tensors live in the state of the group's first parameter
+            host = new_state[id_of[g_names[0]]]
+            host[_STEP] = torch.tensor(float(cg.step), dtype=torch.float32)
+            host[_RHO] = torch.from_numpy(np.array(cg.rho, copy=True)).to(sdt).reshape(())
+            host[_WIN] = torch.from_numpy(np.array(cg.win_rate, copy=True)).to(sdt).reshape(())
+            if cg.label_count is not None:
+                host[_COUNT] = torch.tensor(int(cg.label_count), dtype=torch.int64)
+        new_groups.append(dict(tgroup))
     return {"state": new_state, "param_groups": new_groups}
 
 

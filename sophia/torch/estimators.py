@@ -10,6 +10,7 @@ parameters) and complex parameters get estimates of their real view.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +55,99 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _select(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``logits`` as ``[rows, vocab]`` rows, only those ``mask`` keeps; and the row index kept."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    if mask is None:
+        return flat, None
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"mask: expected a tensor of shape {tuple(logits.shape[:-1])}, got "
+            f"{type(mask).__name__}"
+        )
+    if tuple(mask.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"Invalid mask: shape {tuple(mask.shape)} (allowed: logits.shape[:-1] = "
+            f"{tuple(logits.shape[:-1])}, True where the position enters the loss)"
+        )
+    if torch.is_complex(mask):
+        raise ValueError(f"Invalid mask: dtype {mask.dtype} (allowed: bool, or 0/1 numbers)")
+    keep = mask.reshape(-1).to(device=logits.device) != 0
+    # boolean indexing, not a multiplication by the mask: a NaN or inf logit at a padded
+    # position would survive `0 * loss`, and the sampled labels would use the random
+    # stream differently from the same batch with those rows removed
+    index = keep.nonzero().reshape(-1)
+    return flat.index_select(0, index), index
+
+
+def _sampled_label_grads(
+    logits: Tensor,
+    params: Sequence[Tensor],
+    labels: Tensor | None,
+    generator: torch.Generator | None,
+    mask: Tensor | None,
+    retain_graph: bool,
+    average_across_ranks: bool | None,
+) -> tuple[list[Tensor], int | Tensor]:
+    """:func:`sampled_label_grads` and the label count behind it.
+
+    The count is a Python int, or, when averaged across ranks, a 0-dim int64
+    tensor of the count summed over ranks.
+    """
+    rows, index = _select(logits, mask)
+    if average_across_ranks is None:
+        average_across_ranks = _distributed()
+    count = int(rows.shape[0])
+    if rows.shape[0] == 0:
+        out = [torch.zeros_like(p) for p in params]
+    else:
+        if labels is None:
+            y = sample_labels(rows, generator)
+        else:
+            y = labels.reshape(-1).to(logits.device)
+            if index is not None:
+                y = y.index_select(0, index)
+        rows = rows.to(compute_dtype(rows.dtype))  # float32 for bf16/f16 logits, as in JAX
+        # with a mask under data parallelism the ranks hold different numbers of labels:
+        # summing here and dividing by the global count gives the global mean's gradient
+        by_sum = mask is not None and average_across_ranks
+        loss = F.cross_entropy(rows, y, reduction="sum" if by_sum else "mean")
+        grads = torch.autograd.grad(
+            loss, list(params), retain_graph=retain_graph, allow_unused=True
+        )
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None and DTensor is not None and isinstance(p, DTensor):
+                # FSDP2 all-gathers sharded parameters outside autograd, so they are never
+                # in the logits' graph: zeros here would silently become a zero Hessian
+                raise ValueError(
+                    f"sampled_label_grads: parameter {i} is a DTensor (placements "
+                    f"{p.placements}) that the logits' graph does not reach, as with FSDP2's "
+                    "fully_shard; refresh FSDP2 models with a backward of the loss against "
+                    "sampled labels (sophia.torch.sample_labels) followed by "
+                    "SophiaG.update_hessian(), which reads the reduce-scattered .grad"
+                )
+        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    if not average_across_ranks:
+        return out, count
+    total = torch.tensor(count, dtype=torch.int64, device=logits.device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    for g in out:
+        torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+        if mask is not None:
+            g.div_(total.clamp_min(1))
+        else:
+            g.div_(torch.distributed.get_world_size())
+    return out, total
+
+
 def sampled_label_grads(
     logits: Tensor,
     params: Sequence[Tensor],
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    mask: Tensor | None = None,
     retain_graph: bool = True,
     average_across_ranks: bool | None = None,
 ) -> list[Tensor]:
@@ -68,48 +156,34 @@ def sampled_label_grads(
     :math:`\hat g = \nabla_\theta \frac1N \sum_i \ell(f_i(\theta), \hat y_i)`,
     :math:`\hat y \sim \mathrm{softmax}(f(\theta))`, computed with
     :func:`torch.autograd.grad` from an existing forward (``.grad`` untouched).
-    The loss is formed in float32, as on the JAX side.
+    The loss is formed in float32, as on the JAX side. With ``mask`` the sum
+    runs over the masked-in positions only (labels are sampled there only, and
+    ``N`` is their number): the result is that of the logits with the
+    masked-out rows removed.
 
     Args:
       logits: ``[..., vocab]`` logits attached to the graph of ``params``.
       params: the parameters to differentiate.
-      labels: labels to use instead of sampling.
+      labels: labels to use instead of sampling, of shape ``logits.shape[:-1]``
+        (values at masked-out positions are ignored, e.g. ``-100``).
       generator: generator of the label sampling.
+      mask: ``logits.shape[:-1]``, True (nonzero) where the position enters the
+        loss (e.g. ``attention_mask``, or ``labels != -100`` after the causal
+        shift). Selecting the rows costs one host synchronisation.
       retain_graph: keep the graph so the training loss can be backpropagated
         through the same forward afterwards.
-      average_across_ranks: all-reduce (average) the gradient over the default
-        process group; ``None``: whenever ``torch.distributed`` is initialised.
+      average_across_ranks: all-reduce the gradient over the default process
+        group (``None``: whenever ``torch.distributed`` is initialised). Without
+        a mask the ranks' gradients are averaged, as DDP averages; with one, the
+        result is the gradient of the mean over all ranks' masked-in positions.
 
     Returns:
       One gradient per parameter (zeros for parameters the logits do not use).
     """
-    vocab = logits.shape[-1]
-    y = sample_labels(logits, generator) if labels is None else labels
-    flat = logits.reshape(-1, vocab)
-    if flat.shape[0] == 0:
-        return [torch.zeros_like(p) for p in params]
-    flat = flat.to(compute_dtype(flat.dtype))  # float32 for bf16/f16 logits, as in JAX
-    loss = F.cross_entropy(flat, y.reshape(-1).to(logits.device), reduction="mean")
-    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g is None and DTensor is not None and isinstance(p, DTensor):
-            # FSDP2 all-gathers sharded parameters outside autograd, so they are never in
-            # the logits' graph: zeros here would silently become a zero Hessian
-            raise ValueError(
-                f"sampled_label_grads: parameter {i} is a DTensor (placements "
-                f"{p.placements}) that the logits' graph does not reach, as with FSDP2's "
-                "fully_shard; refresh FSDP2 models with a backward of the loss against "
-                "sampled labels (sophia.torch.sample_labels) followed by "
-                "SophiaG.update_hessian(), which reads the reduce-scattered .grad"
-            )
-    out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    if average_across_ranks is None:
-        average_across_ranks = _distributed()
-    if average_across_ranks:
-        for g in out:
-            torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
-            g.div_(torch.distributed.get_world_size())
-    return out
+    grads, _ = _sampled_label_grads(
+        logits, params, labels, generator, mask, retain_graph, average_across_ranks
+    )
+    return grads
 
 
 def _square(g: Tensor) -> Tensor:
@@ -118,12 +192,19 @@ def _square(g: Tensor) -> Tensor:
     return g * g
 
 
+def _gnb_with_count(*args: Any) -> tuple[list[Tensor], int | Tensor]:
+    """:func:`gnb` (arguments as :func:`_sampled_label_grads`) and its label count ``N``."""
+    grads, count = _sampled_label_grads(*args)
+    return [_square(g) for g in grads], count
+
+
 def gnb(
     logits: Tensor,
     params: Sequence[Tensor],
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    mask: Tensor | None = None,
     retain_graph: bool = True,
     average_across_ranks: bool | None = None,
 ) -> list[Tensor]:
@@ -132,15 +213,19 @@ def gnb(
     :math:`\hat h = \hat g \odot \hat g` with :math:`\hat g` from
     :func:`sampled_label_grads`. By Bartlett's identity
     :math:`N\,\mathbb E[\hat h]` is the diagonal of the Gauss-Newton matrix of
-    the mean loss over the ``N = logits.numel() / vocab`` labels, which is why
-    SophiaG divides by ``rho * bs * h`` with ``bs = N``. Costs one backward and
-    no forward when ``logits`` come from the training forward.
+    the mean loss over the ``N`` labels (``logits.numel() / vocab``, or the
+    masked-in positions), which is why SophiaG divides by ``rho * bs * h`` with
+    ``bs = N``. Costs one backward and no forward when ``logits`` come from the
+    training forward.
 
     Args:
       logits: ``[..., vocab]`` logits attached to the graph of ``params``.
       params: the parameters to estimate at.
       labels: fixed labels instead of sampled ones (tests, cross-framework runs).
       generator: generator of the label sampling.
+      mask: ``logits.shape[:-1]``, True (nonzero) where the position enters the
+        loss; masked-out positions contribute exactly nothing (padding, the
+        ``-100`` labels of a shifted causal target).
       retain_graph: keep the graph for a later backward of the training loss.
       average_across_ranks: average :math:`\hat g` over ranks before squaring
         (``None``: whenever ``torch.distributed`` is initialised), so every
@@ -149,15 +234,8 @@ def gnb(
     Returns:
       ``h_hat``, one tensor per parameter, in the compute dtype.
     """
-    grads = sampled_label_grads(
-        logits,
-        params,
-        labels,
-        generator,
-        retain_graph=retain_graph,
-        average_across_ranks=average_across_ranks,
-    )
-    return [_square(g) for g in grads]
+    args = (logits, params, labels, generator, mask, retain_graph, average_across_ranks)
+    return _gnb_with_count(*args)[0]
 
 
 def _rademacher_like(p: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -123,9 +123,14 @@ def snapshot(opt: SophiaG, full: Callable[[torch.Tensor], torch.Tensor] = lambda
     out: dict[str, Any] = {"param": [full(p.detach()).clone() for p in params]}
     for key in ("exp_avg", "hessian", "step"):
         out[key] = [full(opt.state[p][key]).clone() for p in params]
-    gs = opt.param_groups[0]["sophia_state"]
-    out["group"] = {k: v.clone() for k, v in gs.items()}
+    out["group"] = {k: v.clone() for k, v in group_tensors(opt).items()}
     return out
+
+
+def group_tensors(opt: SophiaG) -> dict[str, torch.Tensor]:
+    """The first group's tensors (step, rho, win_rate), kept in its first parameter's state."""
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    return {k.removeprefix("group_"): v for k, v in st.items() if k.startswith("group_")}
 
 
 IMPLS = {"foreach": {"foreach": True}, "forloop": {"foreach": False}}
@@ -214,7 +219,7 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
 
         def step(o: SophiaG, wins: list[float] = wins) -> None:
             o.step()
-            wins.append(float(o.param_groups[0]["sophia_state"]["win_rate"]))
+            wins.append(float(o.diagnostics()[0]["win_rate"]))
 
         run_schedule(model, model, opt, rank, world, step=step, refresh=FSDP_REFRESH)
         result["runs"][name] = snapshot(opt, _full)
@@ -266,8 +271,8 @@ def fsdp_worker(rank: int, world: int, out_dir: str) -> None:
             if isinstance(opt.state[p][k], DTensor):
                 same &= opt.state[p][k].placements == opt2.state[p2][k].placements
         equal.append(same)
-    gs, gs2 = opt.param_groups[0]["sophia_state"], opt2.param_groups[0]["sophia_state"]
-    equal.append(all(torch.equal(gs[k], gs2[k]) for k in gs))
+    gs, gs2 = group_tensors(opt), group_tensors(opt2)
+    equal.append(set(gs) == set(gs2) and all(torch.equal(gs[k], gs2[k]) for k in gs))
     result["ckpt_equal"] = equal
     full_opts = StateDictOptions(full_state_dict=True)
     full_sd = get_optimizer_state_dict(model, opt, options=full_opts)

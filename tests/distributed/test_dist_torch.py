@@ -158,7 +158,7 @@ def test_fsdp2_checkpoint_round_trip(fsdp):
     """get_/set_optimizer_state_dict, sharded and full, into a fresh FSDP2 model and SophiaG."""
     for r in fsdp:
         assert r["sd_exp_avg_types"] == ["DTensor"]
-        assert all(r["ckpt_equal"]), r["ckpt_equal"]  # params, state, sophia_state
+        assert all(r["ckpt_equal"]), r["ckpt_equal"]  # params, state, group tensors
         assert all(r["full_ckpt_equal"]), r["full_ckpt_equal"]
     # the full (consolidated) state dict holds the gathered tensors, keyed by FQN
     r0 = fsdp[0]

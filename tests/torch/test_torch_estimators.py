@@ -98,7 +98,7 @@ def test_update_hessian_from_logits_skips_frozen_and_zeroes_unused_params():
     opt = SophiaG([w, b, unused])
     opt.update_hessian(hessian=[torch.ones_like(w), torch.ones_like(b), torch.ones_like(unused)])
     before_b = opt.state[b]["hessian"].clone()
-    opt.update_hessian(logits=x @ w + b)
+    opt.update_hessian(logits=x @ w + b, allow_repeat=True)
     assert torch.equal(opt.state[b]["hessian"], before_b)
     b2 = spec.DEFAULTS.betas[1]
     expect = spec.hessian_ema(np.full(3, 1 - b2), np.zeros(3), b2)
@@ -153,8 +153,19 @@ def _ddp_worker(rank, world, init_file, out_dir):
         opt = SophiaG([w, b])
         opt.update_hessian(logits=xr @ w + b, labels=y)
         grads = sampled_label_grads(xr @ w + b, [w, b], labels=y, average_across_ranks=False)
+        # masks keeping 3 and 5 positions: the estimate is that of the mean over all 8
+        mask = torch.arange(6) < (3 if rank == 0 else 5)
+        masked = SophiaG([w, b], betas=(0.9, 0.0))  # b2 = 0: h becomes the estimate
+        masked.update_hessian(logits=xr @ w + b, labels=y, mask=mask)
+        loss = F.cross_entropy((xr @ w + b)[mask], y[mask], reduction="sum")
         torch.save(
-            {"h": [opt.state[p]["hessian"] for p in (w, b)], "g": grads},
+            {
+                "h": [opt.state[p]["hessian"] for p in (w, b)],
+                "g": grads,
+                "h_masked": [masked.state[p]["hessian"] for p in (w, b)],
+                "count": masked.state[w]["group_label_count"],
+                "g_sum": torch.autograd.grad(loss, [w, b]),
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -175,3 +186,7 @@ def test_update_hessian_from_logits_averages_the_gradient_across_ranks(tmp_path)
         expect = spec.hessian_ema(np.zeros(avg.shape), avg * avg, b2)
         np.testing.assert_allclose(h0.numpy(), expect, rtol=1e-12, atol=0)
         assert not torch.equal(g0, g1)
+    assert int(r0["count"]) == int(r1["count"]) == 8  # the global label count
+    for h0, h1, s0, s1 in zip(r0["h_masked"], r1["h_masked"], r0["g_sum"], r1["g_sum"]):
+        assert torch.equal(h0, h1)
+        np.testing.assert_allclose(h0.numpy(), (((s0 + s1) / 8) ** 2).numpy(), rtol=1e-12)
