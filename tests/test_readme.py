@@ -125,15 +125,96 @@ def _check_torch_quick_start(ns: dict[str, Any]) -> None:
     assert all(p.grad is None for p in params)
 
 
+def _hf_trainer() -> dict[str, Any]:
+    # a 1-layer GPT-2 from a config, random token ids, two steps (nothing downloaded)
+    import tempfile
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ)
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return {
+        "model": GPT2LMHeadModel(cfg),
+        "args": args,
+        "train_dataset": [{"input_ids": x, "labels": x} for x in ids],
+    }
+
+
+def _check_hf_trainer(ns: dict[str, Any]) -> None:
+    assert ns["trainer"].state.global_step == 2
+    # step 0 refreshed the Hessian from the training forward
+    assert all(float(ns["opt"].state[p]["hessian"].sum()) > 0 for p in ns["model"].parameters())
+
+
+def _lightning_trainer() -> dict[str, Any]:
+    import tempfile
+
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from sophia.torch import SophiaG
+
+    class LitModel(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB))
+
+        def forward(self, x: Any) -> Any:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            logits = self(batch["x"])
+            return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten(), ignore_index=-100)
+
+        def configure_optimizers(self) -> Any:
+            return SophiaG(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    x = torch.randint(0, VOCAB, (8, SEQ))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -100
+    return {
+        "lit_model": LitModel(),
+        "train_loader": DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=2),
+        "max_steps": 2,
+        "run_dir": tempfile.mkdtemp(),
+    }
+
+
+def _check_lightning_trainer(ns: dict[str, Any]) -> None:
+    trainer = ns["trainer"]
+    assert trainer.global_step == 2
+    opt = trainer.optimizers[0]
+    assert all(float(opt.state[p]["hessian"].sum()) > 0 for p in ns["lit_model"].parameters())
+
+
 #: Per block: the names the README leaves to the reader, tiny.
 GIVEN: dict[str, Callable[[], dict[str, Any]]] = {
     "Quick start: JAX": _jax_quick_start,
     "Quick start: PyTorch": _torch_quick_start,
+    "Hugging Face Transformers": _hf_trainer,
+    "Lightning": _lightning_trainer,
 }
 #: Per block: what to run after it, on its namespace, so that what it defines is used.
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "Quick start: JAX": _check_jax_quick_start,
     "Quick start: PyTorch": _check_torch_quick_start,
+    "Hugging Face Transformers": _check_hf_trainer,
+    "Lightning": _check_lightning_trainer,
 }
 
 BLOCKS = python_blocks(README.read_text())

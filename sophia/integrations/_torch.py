@@ -174,8 +174,7 @@ class ForwardRefresher:
         logits = extract_logits(output, self.owner, self._module_name)
         mask = self.mask_fn(kwargs, logits)
         assert self.optimizer is not None
-        extra = {} if mask is None else {"mask": mask}
-        self.optimizer.update_hessian(logits=logits, generator=self.generator, **extra)
+        self.optimizer.update_hessian(logits=logits, mask=mask, generator=self.generator)
         self.num_refreshes += 1
         self.last_refresh_step = self._step
 

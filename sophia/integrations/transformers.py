@@ -48,7 +48,7 @@ from sophia.integrations._torch import (
     find_sophia,
     next_token_mask,
 )
-from sophia.torch import SophiaG
+from sophia.torch import SophiaG, SophiaGWarning
 
 __all__ = ["SophiaGCallback", "next_token_mask", "sophia_trainer_optimizer"]
 
@@ -228,7 +228,7 @@ def _warn_replaced_weight_decay(opt: SophiaG, args: TrainingArguments) -> None:
             "sophia.integrations.transformers.sophia_trainer_optimizer(model, args, "
             f"weight_decay={own}, ...) and pass optimizers=(opt, None), or set "
             f"TrainingArguments(weight_decay={own})",
-            UserWarning,
+            SophiaGWarning,
             stacklevel=3,
         )
 
@@ -281,7 +281,7 @@ def sophia_trainer_optimizer(
                 warnings.warn(
                     f"sophia_trainer_optimizer: args.{field}={value} is not used: SophiaG gets "
                     f"{name}={kwargs[name]} as passed. Make them equal or drop one",
-                    UserWarning,
+                    SophiaGWarning,
                     stacklevel=2,
                 )
         for field, name in _ADAM_ARGS.items():
@@ -289,7 +289,7 @@ def sophia_trainer_optimizer(
                 warnings.warn(
                     f"sophia_trainer_optimizer: args.{field}={getattr(args, field)} is AdamW's and "
                     f"not used by SophiaG; pass {name}= to sophia_trainer_optimizer instead",
-                    UserWarning,
+                    SophiaGWarning,
                     stacklevel=2,
                 )
     # Trainer's own rule for what decays (biases, LayerNorm and *norm* weights do not);
