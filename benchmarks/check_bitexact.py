@@ -33,6 +33,8 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ulp import ulp_diff  # noqa: E402  (bit patterns: -0 is one ulp from +0)
+
 from sophia import spec  # noqa: E402
 from sophia.jax import sophia_g, update_hessian  # noqa: E402
 
@@ -75,18 +77,6 @@ def tree(rng: np.random.Generator, dtype, scale: float, kind: str) -> dict[str, 
 
 def name(dtype) -> str:
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
-
-
-def ulp_diff(a: np.ndarray, b: np.ndarray) -> int:
-    if a.size == 0:
-        return 0
-    ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
-
-    def ordered(x):
-        i = x.view(ints).astype(object)
-        return np.where(i < 0, -(i & ((1 << (8 * a.dtype.itemsize - 1)) - 1)), i)
-
-    return int(np.max(np.abs(ordered(a) - ordered(b))))
 
 
 def check(dtype, maximize: bool, jit: bool, seed: int, exact: bool) -> dict:
@@ -144,18 +134,18 @@ def check(dtype, maximize: bool, jit: bool, seed: int, exact: bool) -> dict:
             gc = -g_np[k].astype(cd) if maximize else g_np[k].astype(cd)
             mc = b1 * m_np[k].astype(cd) + (cd.type(1) - b1) * gc
             msq += float(np.sum(np.square(mc.astype(np.float64))))
-            for name, got, ref in (("theta", params[k], t_ref), ("m", s1.mu[k], m_ref)):
+            for what, got, ref in (("theta", params[k], t_ref), ("m", s1.mu[k], m_ref)):
                 got = np.asarray(got)
                 if got.dtype != ref.dtype or got.shape != ref.shape:
                     raise SystemExit(
-                        f"{k} {name}: {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
+                        f"{k} {what}: {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
                     )
                 d = ulp_diff(got, ref)
                 out["ulp"] = max(out["ulp"], d)
                 if exact and d:
                     raise SystemExit(
                         f"MISMATCH {name(dtype)} maximize={maximize} jit={jit} step {t} "
-                        f"leaf {k} {name}: {int(np.sum(got != ref))} of {got.size} differ"
+                        f"leaf {k} {what}: {int(np.sum(got != ref))} of {got.size} differ"
                     )
         want = spec.win_rate(n_win, n_total, np.float64 if dtype == "mixed" else dtype)
         got_rate = np.asarray(s1.win_rate)
