@@ -97,6 +97,43 @@ def test_state_dict_round_trip_is_deterministic(path, dtype):
 
 
 @path_param
+def test_complex_parameters_and_tensor_lr_round_trip(path):
+    """A complex parameter (updated as real pairs) and a tensor lr, as torch's OptimizerInfo
+    matrix runs them: the round trip keeps the lr a tensor and the state bitwise."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64)),
+              torch.nn.Parameter(torch.randn(5))]  # fmt: skip
+    kw = dict(lr=torch.tensor(0.01), bs=2, dynamic=True, **PATHS[path])
+    opt = SophiaG(params, **kw)
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = SophiaG(clone, **kw)
+    for t in range(4):
+        g = torch.Generator().manual_seed(t)
+        grads = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]
+        if t == 2:
+            opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for o, ps in ((opt, params), (opt2, clone)):
+            if t % 2 == 0:
+                o.update_hessian(hessian=[torch.view_as_real(x).abs() if x.is_complex()
+                                          else x.abs() for x in grads])  # fmt: skip
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            o.step()
+    assert all(same(torch.view_as_real(a) if a.is_complex() else a,
+                    torch.view_as_real(b) if b.is_complex() else b)
+               for a, b in zip(params, clone))  # fmt: skip
+    lr2 = opt2.param_groups[0]["lr"]
+    assert torch.is_tensor(lr2) and torch.equal(lr2, opt.param_groups[0]["lr"])
+    host = opt2.state[clone[0]]
+    assert host["group_rho"].dtype == torch.float32 and host["exp_avg"].dtype == torch.complex64
+    sd1, sd2 = opt.state_dict(), opt2.state_dict()
+    for i in sd1["state"]:
+        for k, v in sd1["state"][i].items():
+            w = sd2["state"][i][k]
+            assert v.dtype == w.dtype and torch.equal(v, w), (i, k)
+
+
+@path_param
 def test_deepcopy_and_pickle_change_no_group_or_default(path):
     model = _model()
     opt = SophiaG(model.parameters(), lr=0.01, **PATHS[path])
