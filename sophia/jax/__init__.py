@@ -19,7 +19,10 @@ from sophia.jax.transform import (
     StaticFlag,
     add_decayed_weights,
     diagnostics,
+    on_real_pairs,
+    scale_by_learning_rate,
     scale_by_sophia,
+    to_param_dtype,
     update_hessian,
 )
 
@@ -32,9 +35,12 @@ __all__ = [
     "gnb",
     "gnb_from_vjp",
     "hutchinson",
+    "on_real_pairs",
     "sample_labels",
+    "scale_by_learning_rate",
     "scale_by_sophia",
     "sophia_g",
     "sophia_h",
+    "to_param_dtype",
     "update_hessian",
 ]

@@ -12,7 +12,13 @@ import optax
 
 from sophia import spec
 from sophia.jax.estimators import gnb, hutchinson
-from sophia.jax.transform import Estimator, add_decayed_weights, scale_by_sophia
+from sophia.jax.transform import (
+    Estimator,
+    add_decayed_weights,
+    scale_by_learning_rate,
+    scale_by_sophia,
+    to_param_dtype,
+)
 
 __all__ = ["sophia_g", "sophia_h"]
 
@@ -142,7 +148,9 @@ def sophia_g(
             step_diagnostics=step_diagnostics,
         ),
         add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
+        scale_by_learning_rate(learning_rate),
+        # updates in the parameters' dtype, p + u giving the spec's single rounding
+        to_param_dtype(),
     )
 
 

@@ -41,7 +41,13 @@ def sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def _square(g: jax.Array) -> jax.Array:
-    """``g * g`` in the spec's compute dtype: float16 squares underflow below ~2.4e-4."""
+    """``g * g`` in the spec's compute dtype: float16 squares underflow below ~2.4e-4.
+
+    A complex ``g`` is a pair of real coordinates (as in torch's port): the result
+    is complex, its real and imaginary parts the squares of ``g``'s.
+    """
+    if jnp.issubdtype(g.dtype, jnp.complexfloating):
+        return jax.lax.complex(_square(jnp.real(g)), _square(jnp.imag(g)))
     return jnp.square(g.astype(spec.compute_dtype(g.dtype)))
 
 
@@ -162,8 +168,28 @@ def gnb(
 def _rademacher_like(key: jax.Array, tree: optax.Params) -> optax.Params:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, max(len(leaves), 1))
-    vs = [jax.random.rademacher(k, x.shape, dtype=x.dtype) for k, x in zip(keys, leaves)]
+    vs = [_rademacher(k, x) for k, x in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, vs)
+
+
+def _rademacher(key: jax.Array, x: jax.Array) -> jax.Array:
+    """A probe like ``x``; a complex one draws its real and imaginary parts independently."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        v = jax.random.rademacher(key, (*x.shape, 2), dtype=jnp.real(x).dtype)
+        return jax.lax.complex(v[..., 0], v[..., 1])
+    return jax.random.rademacher(key, x.shape, dtype=x.dtype)
+
+
+def _probe_times_hvp(v: jax.Array, hv: jax.Array) -> jax.Array:
+    """``v * (H v)`` per real coordinate.
+
+    For a complex parameter ``jax.grad`` returns ``d/dx - i d/dy``, so the
+    imaginary part of its tangent ``hv`` is minus the ``y`` row of the Hessian
+    of the real view times ``v``.
+    """
+    if jnp.issubdtype(v.dtype, jnp.complexfloating):
+        return jax.lax.complex(jnp.real(v) * jnp.real(hv), -(jnp.imag(v) * jnp.imag(hv)))
+    return v * hv
 
 
 def hutchinson(
@@ -202,4 +228,4 @@ def hutchinson(
     _, hv = jax.jvp(jax.grad(obj_fn), (params,), (v,))
     if axis_name is not None:
         hv = _axis_mean(hv, axis_name)
-    return jax.tree.map(lambda a, b: a * b, v, hv)
+    return jax.tree.map(_probe_times_hvp, v, hv)

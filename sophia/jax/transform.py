@@ -23,7 +23,10 @@ __all__ = [
     "StaticFlag",
     "add_decayed_weights",
     "diagnostics",
+    "on_real_pairs",
+    "scale_by_learning_rate",
     "scale_by_sophia",
+    "to_param_dtype",
     "update_hessian",
 ]
 
@@ -85,29 +88,85 @@ class ScaleBySophiaState(NamedTuple):
 
 
 def _cd(dtype: Any) -> jnp.dtype:
-    return jnp.dtype(spec.compute_dtype(dtype))
+    """The compute dtype of a leaf; a complex leaf computes in that of its parts."""
+    return jnp.dtype(spec.compute_dtype(_part_dtype(dtype)))
+
+
+def _part_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of one real coordinate: float32 for complex64, float64 for complex128."""
+    dtype = jnp.dtype(dtype)
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
+def _parts(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The real coordinates of a leaf: ``(x,)``, or ``(real, imag)`` for a complex one.
+
+    A complex parameter is a pair of real parameters, as torch's ``view_as_real``
+    makes it: every per-coordinate rule (sign, clipping, max(h, 0)) applies to
+    each part on its own, never to complex numbers.
+    """
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.real(x), jnp.imag(x)
+    return (x,)
+
+
+def _join(parts: Any, dtype: Any) -> jax.Array:
+    """Inverse of :func:`_parts`: the leaf of ``dtype`` made of ``parts``."""
+    pd = _part_dtype(dtype)
+    if len(parts) == 2:
+        return jax.lax.complex(parts[0].astype(pd), parts[1].astype(pd)).astype(dtype)
+    return parts[0].astype(dtype)
+
+
+def _real_size(tree: Any) -> int:
+    """Number of real coordinates in ``tree``: two per complex element, as torch counts them."""
+    return sum(x.size * len(_parts(x)) for x in jax.tree.leaves(tree))
+
+
+def _wide(dtype: Any) -> jnp.dtype:
+    """The dtype of a leaf's update before rounding: complex of the compute dtype, or it."""
+    cd = _cd(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if cd == jnp.float64 else jnp.complex64)
+    return cd
+
+
+def _check_gradient(g: jax.Array, h: jax.Array) -> None:
+    """A real gradient for a complex parameter (or the reverse) would lose or invent a part."""
+    if jnp.issubdtype(g.dtype, jnp.complexfloating) != jnp.issubdtype(h.dtype, jnp.complexfloating):
+        raise ValueError(
+            f"Invalid gradient: {g.dtype} for a parameter whose Sophia state is {h.dtype} "
+            "(allowed: complex gradients for complex parameters, real ones for real parameters)"
+        )
 
 
 def _scalar_dtype(params: optax.Params) -> jnp.dtype:
     leaves = jax.tree.leaves(params)
-    if any(jnp.dtype(x.dtype) == jnp.float64 for x in leaves):
+    if any(_part_dtype(x.dtype) == jnp.float64 for x in leaves):
         return jnp.dtype(jnp.float64)
     return jnp.dtype(jnp.float32)
 
 
 def _sq_norm(tree: optax.Updates, dtype: jnp.dtype) -> jax.Array:
-    sq = [jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)]
+    sq = [
+        jnp.sum(jnp.square(part.astype(dtype))) for x in jax.tree.leaves(tree) for part in _parts(x)
+    ]
     return sum(sq, jnp.zeros([], dtype))
 
 
 def _step_leaves(
     mus: list[jax.Array], hs: list[jax.Array], rho: jax.Array, bs: Any, eps: Any
 ) -> list[tuple[Any, ...]]:
-    """``(m, h, (rho * bs, eps))`` per leaf in its compute dtype, as the diagnostics take them."""
+    """``(m, h, (rho * bs, eps))`` per real part of each leaf in its compute dtype.
+
+    The diagnostics take them in this form.
+    """
     leaves = []
     for m, h in zip(mus, hs, strict=True):
         cd = _cd(h.dtype)
-        leaves.append((m.astype(cd), h, (rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))))
+        coef = (rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))
+        for mp, hp in zip(_parts(m), _parts(h), strict=True):
+            leaves.append((mp.astype(cd), hp, coef))
     return leaves
 
 
@@ -147,11 +206,40 @@ def _catch_up_diagnostics(state: ScaleBySophiaState) -> ScaleBySophiaState:
     leaves = _step_leaves(
         jax.tree.leaves(state.mu), jax.tree.leaves(state.hessian), state.rho, state.bs, state.eps
     )
-    win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(state.hessian), state.rho.dtype)
+    win_rate, m_norm = _win_rate_and_norm(leaves, _real_size(state.hessian), state.rho.dtype)
     first = state.count == 0  # no step yet: nothing to report
     return state._replace(
         win_rate=jnp.where(first, state.win_rate, win_rate),
         momentum_norm=jnp.where(first, state.momentum_norm, m_norm),
+    )
+
+
+def _estimate_parts(hh: jax.Array, h: jax.Array) -> tuple[jax.Array, ...]:
+    """The real parts of an estimate ``hh`` for the Hessian EMA ``h``.
+
+    For a complex ``h`` the estimate is complex of ``h``'s shape (its real and
+    imaginary parts estimate the two coordinates, as :func:`sophia.jax.gnb`
+    returns it) or real of shape ``h.shape + (2,)`` (torch's ``view_as_real``
+    layout). A complex estimate for a real ``h`` is refused rather than cut to
+    its real part.
+    """
+    hh = jnp.asarray(hh)
+    h_complex = jnp.issubdtype(h.dtype, jnp.complexfloating)
+    hh_complex = jnp.issubdtype(hh.dtype, jnp.complexfloating)
+    if h_complex and hh_complex and hh.shape == h.shape:
+        return _parts(hh)
+    if h_complex and not hh_complex and hh.shape == (*h.shape, 2):
+        return hh[..., 0], hh[..., 1]
+    if not h_complex and not hh_complex:
+        return (hh,)
+    allowed = (
+        f"complex of shape {h.shape}, or real of shape {(*h.shape, 2)}"
+        if h_complex
+        else "a real array"
+    )
+    raise ValueError(
+        f"Invalid Hessian estimate: {hh.dtype} of shape {hh.shape} for the {h.dtype} Hessian "
+        f"EMA of shape {h.shape} (allowed: {allowed})"
     )
 
 
@@ -164,14 +252,18 @@ def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySoph
             return h
         cd = _cd(h.dtype)
         b2c = state.b2.astype(cd)
-        return (b2c * h.astype(cd) + (jnp.asarray(1, cd) - b2c) * hh.astype(cd)).astype(h.dtype)
+        parts = [
+            b2c * hp.astype(cd) + (jnp.asarray(1, cd) - b2c) * hhp.astype(cd)
+            for hp, hhp in zip(_parts(h), _estimate_parts(hh, h), strict=True)
+        ]
+        return _join(parts, h.dtype)
 
     hessian = jax.tree.map(
         ema, state.hessian, h_hat, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
     )
     sd = state.rho.dtype
     rho = state.rho
-    n_total = optax.tree.size(hessian)
+    n_total = _real_size(hessian)
     if n_total > 0:
         rho0c = state.rho0
         f = jnp.asarray(spec.DYNAMIC_FACTOR, sd)
@@ -220,9 +312,17 @@ def scale_by_sophia(
     :func:`jax.lax.cond`, so other steps cost nothing extra.
 
     Weight decay and the learning rate are applied by the aliases
-    (:func:`sophia.jax.sophia_g`) that chain this core; the returned updates
-    are in the compute dtype (float32 for bfloat16/float16 parameters), so
-    :func:`optax.apply_updates` casts the final sum back as the spec asks.
+    (:func:`sophia.jax.sophia_g`) that chain this core. The updates it returns
+    are in the compute dtype (float32 for bfloat16/float16 parameters), so that
+    the step is rounded to the parameters' dtype once, at the end of the chain,
+    by :func:`to_param_dtype`; chain that last when building your own.
+
+    A complex parameter is a pair of real parameters (as in torch's port): its
+    real and imaginary parts each get their own momentum, Hessian EMA,
+    clipping and sign, held in complex ``mu`` and ``hessian`` leaves, and count
+    as two coordinates of the win rate. As for any optax optimizer, pass the
+    conjugate of :func:`jax.grad`'s result for a real loss of complex
+    parameters (``jax.grad`` returns :math:`\partial_x f - i\,\partial_y f`).
 
     Args:
       b1: EMA rate of the momentum.
@@ -286,7 +386,7 @@ def scale_by_sophia(
         key = jax.random.PRNGKey(seed) if jnp.ndim(seed) == 0 and not _is_key(seed) else seed
         return ScaleBySophiaState(
             count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            mu=optax.tree.zeros_like(params, dtype=_check_mu_dtype(mu_dtype, params)),
             hessian=optax.tree.zeros_like(params),
             key=key,
             rho=jnp.asarray(rho, sd),
@@ -324,23 +424,44 @@ def scale_by_sophia(
         flat_h = treedef.flatten_up_to(state.hessian)
         new_u, new_m, leaves = [], [], []
         for g, m, h in zip(flat_g, flat_m, flat_h):
+            _check_gradient(g, h)
             cd = _cd(g.dtype)
             b1c = jnp.asarray(b1, cd)
-            gc = -g.astype(cd) if maximize else g.astype(cd)
-            mc = b1c * m.astype(cd) + (jnp.asarray(1, cd) - b1c) * gc
             coef = (state.rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))
-            new_u.append(jnp.sign(mc) * _clip_ratio(mc, h, *coef))
-            new_m.append(mc.astype(m.dtype if mu_dtype is None else mu_dtype))
-            leaves.append((mc, h, coef))
+            u_parts, m_parts = [], []
+            for gp, mp, hp in zip(_parts(g), _parts(m), _parts(h), strict=True):
+                gc = -gp.astype(cd) if maximize else gp.astype(cd)
+                mc = b1c * mp.astype(cd) + (jnp.asarray(1, cd) - b1c) * gc
+                u_parts.append(jnp.sign(mc) * _clip_ratio(mc, hp, *coef))
+                m_parts.append(mc)
+                leaves.append((mc, hp, coef))
+            new_u.append(_join(u_parts, _wide(g.dtype)))
+            new_m.append(_join(m_parts, m.dtype if mu_dtype is None else mu_dtype))
         new_state = state._replace(
             count=optax.safe_int32_increment(state.count), mu=treedef.unflatten(new_m)
         )
         if step_diagnostics:
-            win_rate, m_norm = _win_rate_and_norm(leaves, optax.tree.size(updates), sd)
+            win_rate, m_norm = _win_rate_and_norm(leaves, _real_size(updates), sd)
             new_state = new_state._replace(win_rate=win_rate, momentum_norm=m_norm)
         return treedef.unflatten(new_u), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_mu_dtype(mu_dtype: jnp.dtype | None, params: optax.Params) -> jnp.dtype | None:
+    """``mu_dtype``, if it keeps both parts of every complex parameter (and invents none)."""
+    if mu_dtype is None:
+        return None
+    mu_complex = jnp.issubdtype(mu_dtype, jnp.complexfloating)
+    for p in jax.tree.leaves(params):
+        if jnp.issubdtype(p.dtype, jnp.complexfloating) != mu_complex:
+            kind = "complex" if mu_complex else "real"
+            raise ValueError(
+                f"Invalid mu_dtype: {mu_dtype} for a {p.dtype} parameter (allowed: None, or a "
+                f"{'real' if mu_complex else 'complex'} dtype; a {kind} momentum would "
+                f"{'invent' if mu_complex else 'drop'} the imaginary part)"
+            )
+    return mu_dtype
 
 
 def _plain_diagnostics(leaves: list[tuple[Any, ...]], sd: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -414,20 +535,170 @@ def add_decayed_weights(
 
     The same as :func:`optax.add_decayed_weights` for float32/float64
     parameters; for bfloat16/float16 ones the product is formed in float32
-    rather than rounded to the parameter dtype first, as the spec requires.
+    rather than rounded to the parameter dtype first, as the spec requires;
+    complex parameters decay as pairs of reals (:func:`on_real_pairs`).
+
+    Args:
+      weight_decay: the decay rate, a scalar or an optax schedule.
+      mask: a pytree of booleans (or a function of the params returning one)
+        selecting the leaves that decay.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
     """
-    base = optax.add_decayed_weights(weight_decay)
+    base = on_real_pairs(optax.add_decayed_weights(weight_decay))
 
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, optax.OptState]:
         if params is None:
             raise ValueError(optax._src.base.NO_PARAMS_MSG)
-        wide = jax.tree.map(lambda p: p.astype(_cd(p.dtype)), params)
+        wide = jax.tree.map(lambda p: p.astype(_wide(p.dtype)), params)
         return base.update(updates, state, wide)
 
     tx = optax.GradientTransformation(base.init, update_fn)
     return optax.masked(tx, mask) if mask is not None else tx
+
+
+def _stack_parts(x: Any) -> Any:
+    """A complex leaf as a real array of ``x.shape + (2,)`` (torch's ``view_as_real``)."""
+    if x is None or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.complexfloating):
+        return x
+    return jnp.stack(_parts(x), axis=-1)
+
+
+def on_real_pairs(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``inner`` on complex leaves as pairs of reals, one real coordinate per part.
+
+    optax's elementwise transforms multiply complex updates by real scalars as
+    complex numbers, ``(a + bi)(c + 0i) = (ac - b*0) + (a*0 + bc)i``, which turns
+    an infinite part into NaN in the other part and can flip the sign of a zero;
+    SophiaG treats each part as its own coordinate (as torch's ``view_as_real``
+    does). Each complex leaf of the updates (and of the params) enters
+    ``inner`` as a real array of ``shape + (2,)`` and its result is put back
+    together; real leaves pass unchanged. ``inner``'s state must not depend on
+    the leaves' shapes (scales, schedules, weight decay).
+
+    Args:
+      inner: the transformation to wrap.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
+        is_none = lambda x: x is None  # noqa: E731
+        real_u = jax.tree.map(_stack_parts, updates, is_leaf=is_none)
+        real_p = None if params is None else jax.tree.map(_stack_parts, params, is_leaf=is_none)
+        out, state = inner.update(real_u, state, real_p, **extra_args)
+
+        def back(o: Any, u: Any) -> Any:
+            if o is None or not jnp.issubdtype(jnp.asarray(u).dtype, jnp.complexfloating):
+                return o
+            return jax.lax.complex(o[..., 0], o[..., 1])
+
+        return jax.tree.map(back, out, updates, is_leaf=is_none), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def scale_by_learning_rate(
+    learning_rate: optax.ScalarOrSchedule, *, flip_sign: bool = True
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`optax.scale_by_learning_rate`, with complex leaves scaled as pairs of reals.
+
+    Args:
+      learning_rate: a scalar or an optax schedule.
+      flip_sign: scale by ``-learning_rate`` (descent), as optax does by default.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; see :func:`on_real_pairs`.
+    """
+    return on_real_pairs(optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign))
+
+
+def to_param_dtype() -> optax.GradientTransformation:
+    r"""Updates in the parameters' dtype that :func:`optax.apply_updates` turns into one rounding.
+
+    The last link of :func:`sophia.jax.sophia_g`. The chain before it computes
+    the update ``u`` of a bfloat16/float16 parameter ``p`` in float32; the spec
+    rounds the new parameter once, ``new = round(p + u)``. optax's contract is
+    that updates have the parameters' dtype, and ``apply_updates`` then adds in
+    that dtype. This transform returns ``d`` of ``p``'s dtype with
+    ``p + d == new`` bit for bit wherever any such ``d`` exists: the difference
+    ``new - p`` rounded to ``p``'s dtype (exact when ``new`` and ``p`` are within
+    a factor 2 of each other, by Sterbenz's lemma, so ``p + d`` gives ``new``
+    back), or, where that rounding loses the target, its neighbour one ulp
+    towards it. Where no ``d`` reaches ``new`` (a step larger than about
+    ``|p|`` that lands on a value ``p``'s grid cannot hit, or ``new = -0`` from
+    ``p != -0``), ``apply_updates`` gives the value next to ``new``;
+    docs/spec.md lists these cases and the tests measure them.
+
+    Updates whose dtype is the parameters' (float32, float64, complex) or
+    narrower pass through, cast to it. Complex leaves are handled part by part.
+
+    Returns:
+      An :class:`optax.GradientTransformation` (needs ``params`` in ``update``).
+    """
+
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
+        if params is None:
+            raise ValueError(optax._src.base.NO_PARAMS_MSG)
+        out = jax.tree.map(_update_in_param_dtype, updates, params, is_leaf=lambda x: x is None)
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _update_in_param_dtype(u: Any, p: Any) -> Any:
+    """``d`` of ``p.dtype`` with ``p + d == round(p + u)`` (see :func:`to_param_dtype`)."""
+    if u is None or p is None:
+        return u
+    if u.dtype == p.dtype:
+        return u
+    if jnp.issubdtype(u.dtype, jnp.complexfloating) != jnp.issubdtype(p.dtype, jnp.complexfloating):
+        raise ValueError(
+            f"to_param_dtype: a {u.dtype} update for a {p.dtype} parameter (allowed: complex "
+            "updates for complex parameters, real ones for real parameters)"
+        )
+    if jnp.promote_types(u.dtype, p.dtype) == p.dtype:
+        return u.astype(p.dtype)  # widening is exact: p + u is the same sum
+    parts = [_exact_part(up, pp) for up, pp in zip(_parts(u), _parts(p), strict=True)]
+    return _join(parts, p.dtype)
+
+
+def _same_bits(a: jax.Array, b: jax.Array) -> jax.Array:
+    uint = jnp.dtype(f"uint{8 * jnp.dtype(a.dtype).itemsize}")
+    return jax.lax.bitcast_convert_type(a, uint) == jax.lax.bitcast_convert_type(b, uint)
+
+
+def _exact_part(u: jax.Array, p: jax.Array) -> jax.Array:
+    """One real part of :func:`_update_in_param_dtype`: ``u`` wider than ``p``."""
+    wide = u.dtype
+    pw = p.astype(wide)
+    new = (pw + u).astype(p.dtype)  # the spec's single rounding of theta - lr * u
+    nw = new.astype(wide)
+    # Where new == p (unchanged, or both infinite) the update is a zero of new's sign:
+    # -0 + -0 is the only sum that stays -0, and inf - inf would be NaN.
+    d0 = jnp.where(nw == pw, jnp.copysign(jnp.zeros([], wide), nw), nw - pw).astype(p.dtype)
+    # p + d in p's dtype, as optax.apply_updates adds. The rounded difference can
+    # miss where new sits on a power of 2 that p + d0 rounds away from; then the
+    # neighbour of d0 towards new reaches it (exhaustively checked for float16
+    # and bfloat16). Anything else would be an unreachable target: keep d0.
+    r0 = p + d0
+    hit0 = _same_bits(r0, new) | jnp.isnan(new)
+    inf = jnp.asarray(jnp.inf, p.dtype)
+    d1 = jnp.nextafter(d0, jnp.where(r0 < new, inf, -inf))
+    hit1 = _same_bits(p + d1, new)
+    return jnp.where(hit0 | ~hit1, d0, d1)
 
 
 def _find_states(tree: Any) -> list[ScaleBySophiaState]:

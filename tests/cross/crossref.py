@@ -459,3 +459,55 @@ class RealViewReference(Reference):
 
     def hessian(self):
         return self._complex(self.h)
+
+
+# ----------------------------------------------------------------------------- complex
+
+
+def real_view(x):
+    """A complex array as real pairs of shape ``x.shape + (2,)`` (torch's ``view_as_real``)."""
+    x = np.array(x)  # a C-ordered copy
+    if not np.iscomplexobj(x):
+        return x
+    return x.reshape(-1).view(x.real.dtype).reshape(*x.shape, 2)
+
+
+def real_tree(tree):
+    return {k: real_view(v) for k, v in tree.items()}
+
+
+class RealViewReference(Reference):
+    """The spec's reference on the real view of complex parameters, as torch's port defines them.
+
+    Takes and returns complex arrays; inside, every complex element is two real
+    coordinates (so the win rate counts two per element).
+    """
+
+    name = "numpy-real-view"
+
+    def __init__(self, params, groups):
+        self.dtypes = {k: np.asarray(v).dtype for k, v in params.items()}
+        super().__init__(real_tree(params), groups)
+
+    def refresh(self, h_hat):
+        super().refresh(real_tree(h_hat))
+
+    def step(self, grads):
+        super().step(real_tree(grads))
+
+    def _complex(self, tree):
+        return {
+            k: v.reshape(-1).view(self.dtypes[k]).reshape(v.shape[:-1])
+            if np.iscomplexobj(np.empty(0, self.dtypes[k]))
+            else v
+            for k, v in tree.items()
+        }
+
+    def params(self):
+        return self._complex(self.p)
+
+    def mu(self):
+        return self._complex(self.m)
+
+    def hessian(self):
+        return self._complex(self.h)
