@@ -9,28 +9,117 @@ Examples::
     python -m sophia.demo --preset gpt2-small      # the paper's model shape, for an accelerator
     python -m sophia.demo --text input.txt         # any text file instead of the stdlib source
     python -m sophia.demo --sweep                  # the learning-rate (and rho) sweep
+
+Relative paths (``--out``, ``--text``) are taken from the directory named by the
+environment variable ``SOPHIA_CALLER_DIR`` when it is set (``./dev`` sets it to
+the directory it was started from before changing to the checkout), else from
+the working directory; the demo prints them absolute.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
 
-from sophia.demo.data import DEFAULT_MAX_BYTES
-from sophia.demo.train import (
+PROG = "sophia-demo"
+#: Exit status after Ctrl-C (128 + SIGINT, what a shell reports for it).
+INTERRUPTED = 130
+
+
+#: Held by whichever thread ends the process after Ctrl-C, so the line is printed once.
+_ENDING = threading.Lock()
+#: Seconds a KeyboardInterrupt gets to unwind the stack before the process ends anyway.
+UNWIND_S = 2.0
+
+
+def _exit_interrupted(*_: object) -> None:
+    """Ctrl-C: one line, then the process ends at once with status 130.
+
+    Not through the interpreter's shutdown: jaxlib answers a Ctrl-C during an
+    XLA compilation by raising ``KeyboardInterrupt`` in the waiting thread while
+    the compilation goes on in a worker thread, and the shutdown then frees what
+    that thread is using (a segmentation fault). When :func:`main` calls this
+    the stack has unwound, so ``finally`` blocks have run (the progress bar is
+    closed, torch's extension-build lock released). Also the SIGINT handler
+    while this module's imports run under ``python -m`` (nothing to clean up
+    yet), and for a second Ctrl-C.
+    """
+    _ENDING.acquire()  # a second caller waits here for the first one's exit
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C now must not interrupt this
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.write(2, f"{PROG}: interrupted\n".encode())
+    os._exit(INTERRUPTED)
+
+
+def _on_sigint(*_: object) -> None:
+    """Ctrl-C while :func:`main` runs: a KeyboardInterrupt, so that ``finally`` blocks run.
+
+    Python drops an exception raised inside a garbage-collection callback
+    (jax registers one) or a ``__del__``, with a traceback: :func:`_unraisable`
+    then ends the process instead. Anything else that swallows the interrupt
+    is caught by a timer that ends the process :data:`UNWIND_S` seconds later
+    if :func:`main` has not by then; a second Ctrl-C ends it at once.
+    """
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    timer = threading.Timer(UNWIND_S, _exit_interrupted)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook: Callable[[Any], object]) -> Callable[[Any], object]:
+    """``sys.unraisablehook`` that ends the process on a dropped KeyboardInterrupt."""
+
+    def unraisable(info: Any) -> object:
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _exit_interrupted()
+        return hook(info)
+
+    return unraisable
+
+
+if __name__ == "__main__":  # only as a program: importing this module changes no handler
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import textwrap  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from sophia.demo.train import (  # noqa: E402
+    PRESET_NOTES,
     PRESETS,
     SWEEP_ADAMW_LRS,
     SWEEP_RHOS,
     SWEEP_SOPHIA_LRS,
     BackendUnavailable,
+    ConfigError,
     RunConfig,
+    prepare_out_dir,
     run_comparison,
     run_sweep,
 )
 
-__all__ = ["build_config", "main", "parser"]
+__all__ = ["CALLER_DIR_ENV", "build_config", "main", "parser", "resolve_path"]
+
+#: The environment variable naming the directory that relative paths are taken from.
+CALLER_DIR_ENV = "SOPHIA_CALLER_DIR"
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute against ``$SOPHIA_CALLER_DIR``, else the working directory."""
+    base = Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd())
+    return (base / Path(path).expanduser()).resolve()
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -43,14 +132,94 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _show(value: Any) -> str:
+    if value is None:
+        return "whole batch"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _per_preset(section: str | None, field: str, show: Callable[[Any], str] = _show) -> str:
+    """The value of a setting in each preset, for ``--help``: one value if they all agree."""
+    values = {name: show(_preset_value(cfg, section, field)) for name, cfg in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"(every preset: {next(iter(values.values()))})"
+    return "(" + ", ".join(f"{name}: {v}" for name, v in values.items()) + ")"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where the help gives them (the per-preset values, the sweep).
+
+    The description and the epilog (the presets) keep their line breaks.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: The flags a preset sets: ``(flag, section of RunConfig or None, field, help)``; the help
+#: gets each preset's value.
+_PRESET_FLAGS: tuple[tuple[str, str | None, str, str], ...] = (
+    ("--steps", None, "steps", "optimizer updates"),
+    ("--batch-size", None, "batch_size", "sequences per batch"),
+    ("--block-size", "model", "block_size", "context length (tokens per sequence)"),
+    ("--n-layer", "model", "n_layer", "transformer blocks"),
+    ("--n-head", "model", "n_head", "attention heads (a divisor of --n-embd)"),
+    ("--n-embd", "model", "n_embd", "model width"),
+    ("--warmup", None, "warmup", "warm-up steps"),
+    ("--grad-clip", None, "grad_clip", "global-norm gradient clipping (both optimizers)"),
+    ("--eval-interval", None, "eval_interval", "validation every this many steps"),
+    ("--eval-batches", None, "eval_batches", "validation batches"),
+    ("--seed", None, "seed", "seed of the weights, the data order and the label sampling"),
+    (
+        "--hessian-batch",
+        None,
+        "hessian_batch",
+        "SophiaG's Hessian refresh on the first N sequences of the batch (own forward) "
+        "instead of the whole batch (training forward reused); bs follows",
+    ),
+    ("--max-bytes", None, "max_bytes", "cap on corpus bytes, 0 for none"),
+    ("--sophia-lr", "sophia", "lr", "SophiaG peak learning rate"),
+    ("--rho", "sophia", "rho", "SophiaG rho"),
+    (
+        "--hessian-interval",
+        "sophia",
+        "k",
+        "SophiaG k: the Hessian is refreshed at the start of steps 0, k, 2k, ..., before "
+        "that step's update",
+    ),
+    ("--sophia-b2", "sophia", "b2", "SophiaG b2 (EMA rate of the Hessian)"),
+    ("--adamw-lr", "adamw", "lr", "AdamW peak learning rate"),
+)
+
+
+def _preset_value(cfg: RunConfig, section: str | None, field: str) -> Any:
+    return getattr(getattr(cfg, section) if section else cfg, field)
+
+
+_FLOAT_FLAGS = {"--grad-clip", "--sophia-lr", "--rho", "--sophia-b2", "--adamw-lr"}
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
+    width = max(map(len, PRESET_NOTES))
+    presets = "\n".join(
+        textwrap.fill(
+            note,
+            78,
+            initial_indent=f"  {name:<{width}}  ",
+            subsequent_indent=" " * (width + 4),
+        )
+        for name, note in PRESET_NOTES.items()
+    )
     p = argparse.ArgumentParser(
-        prog="sophia-demo",
-        description="Train a small character-level GPT with SophiaG and with AdamW (same init, "
-        "data order and schedule) and compare: validation loss, steps to AdamW's final loss, "
-        "time per step, Hessian-refresh overhead, optimizer memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROG,
+        description="Train a small character-level GPT with SophiaG and with AdamW (same init,\n"
+        "data order and schedule) and compare: validation loss, steps to AdamW's final\n"
+        "loss, time per step, Hessian-refresh overhead, optimizer memory.",
+        epilog=f"presets (--preset):\n{presets}",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--framework",
@@ -62,154 +231,185 @@ def parser() -> argparse.ArgumentParser:
         "--preset",
         choices=tuple(PRESETS),
         default="default",
-        help="run shape and optimizer settings; the flags below override it",
+        help="run shape and optimizer settings (the presets are listed at the end); the "
+        "flags below override it",
     )
-    g = p.add_argument_group("run (defaults from --preset)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--block-size", type=int)
-    g.add_argument("--n-layer", type=int)
-    g.add_argument("--n-head", type=int)
-    g.add_argument("--n-embd", type=int)
-    g.add_argument("--warmup", type=int, help="warm-up steps")
-    g.add_argument("--grad-clip", type=float, help="global-norm gradient clipping (both)")
-    g.add_argument("--eval-interval", type=int)
-    g.add_argument("--eval-batches", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument(
-        "--hessian-batch",
-        type=int,
-        metavar="N",
-        help="SophiaG's Hessian refresh on the first N sequences of the batch (own forward) "
-        "instead of the whole batch (training forward reused); bs follows",
+    run = p.add_argument_group("run (each flag's value per preset in parentheses)")
+    opt = p.add_argument_group("optimizers (each flag's value per preset in parentheses)")
+    for flag, section, field, text in _PRESET_FLAGS:
+        group = opt if section in ("sophia", "adamw") else run
+        kind = float if flag in _FLOAT_FLAGS else int
+        show = (lambda v: "no cap" if v <= 0 else f"{v:,}") if flag == "--max-bytes" else _show
+        metavar = "N" if flag == "--hessian-batch" else None
+        help_text = f"{text} {_per_preset(section, field, show)}"
+        group.add_argument(flag, type=kind, metavar=metavar, help=help_text)
+    run.add_argument(
+        "--text",
+        metavar="PATH",
+        help="train on this file (its first --max-bytes) instead of the standard library's source",
     )
-    g.add_argument("--text", metavar="PATH", help="train on this file instead of the stdlib")
-    g.add_argument(
-        "--max-bytes",
-        type=int,
-        help=f"cap on corpus bytes, 0 for none (default preset: {DEFAULT_MAX_BYTES:,})",
-    )
-    o = p.add_argument_group("optimizers (defaults from --preset)")
-    o.add_argument("--sophia-lr", type=float, help="SophiaG peak learning rate")
-    o.add_argument("--rho", type=float, help="SophiaG rho")
-    o.add_argument("--hessian-interval", type=int, help="SophiaG k (Hessian refresh interval)")
-    o.add_argument("--sophia-b2", type=float, help="SophiaG b2 (EMA rate of the Hessian)")
-    o.add_argument("--adamw-lr", type=float, help="AdamW peak learning rate")
     s = p.add_argument_group("sweep")
     s.add_argument(
         "--sweep",
         action="store_true",
         help="grid-search SophiaG's lr x rho and AdamW's lr on this run shape, write sweep.json",
     )
-    s.add_argument("--sweep-sophia-lrs", type=_floats, default=SWEEP_SOPHIA_LRS)
-    s.add_argument("--sweep-rhos", type=_floats, default=SWEEP_RHOS)
-    s.add_argument("--sweep-adamw-lrs", type=_floats, default=SWEEP_ADAMW_LRS)
+    for flag, default, what in (
+        ("--sweep-sophia-lrs", SWEEP_SOPHIA_LRS, "SophiaG's peak learning rates"),
+        ("--sweep-rhos", SWEEP_RHOS, "SophiaG's rho values"),
+        ("--sweep-adamw-lrs", SWEEP_ADAMW_LRS, "AdamW's peak learning rates"),
+    ):
+        s.add_argument(
+            flag,
+            type=_floats,
+            default=default,
+            metavar="X,Y,...",
+            help=f"{what}, comma-separated (default: {','.join(f'{v:g}' for v in default)})",
+        )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+def _check(flag: str, value: Any, ok: bool, allowed: str, preset: str | None) -> None:
+    """Raises the one-line error of a bad value, saying when it is the preset's."""
+    if not ok:
+        source = f", the {preset} preset's" if preset else ""
+        raise ValueError(f"Invalid {flag}: {_show(value)}{source} (allowed: {allowed})")
+
+
+def _check_text(text: str) -> str:
+    """``--text`` as an absolute path to a readable, non-empty file."""
+    path = resolve_path(text)
+    problem = None
+    if not path.exists():
+        problem = "no such file"
+    elif not path.is_file():
+        problem = "not a file"
+    else:
+        try:
+            with path.open("rb") as f:
+                if not f.read(1):
+                    problem = "the file is empty"
+        except OSError as e:
+            problem = e.strerror or type(e).__name__
+    if problem:
+        raise ValueError(f"Invalid --text: {path} ({problem}; allowed: a readable, non-empty file)")
+    return str(path)
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """The preset with the flags that were given applied on top."""
-    cfg = PRESETS[args.preset]
-    model = dataclasses.replace(
-        cfg.model,
-        **{
-            k: v
-            for k, v in {
-                "n_layer": args.n_layer,
-                "n_head": args.n_head,
-                "n_embd": args.n_embd,
-                "block_size": args.block_size,
-            }.items()
-            if v is not None
-        },
-    )
-    sophia = cfg.sophia
-    for field, value in (
-        ("lr", args.sophia_lr),
-        ("rho", args.rho),
-        ("k", args.hessian_interval),
-        ("b2", args.sophia_b2),
+    """The preset with the flags that were given applied on top.
+
+    Every value is checked before the config is built, in an order that names
+    the flag at fault (``--batch-size 0`` before the ``--hessian-batch`` that
+    depends on it).
+
+    Raises:
+      ValueError: a bad value: one line naming the flag, the value (and whether
+        it is the preset's) and what is allowed.
+    """
+    base = PRESETS[args.preset]
+    value: dict[str, Any] = {}
+    preset: dict[str, str | None] = {}
+    for flag, section, field, _ in _PRESET_FLAGS:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        value[flag] = _preset_value(base, section, field) if given is None else given
+        preset[flag] = None if given is not None else args.preset
+
+    def check(flag: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        v = value[flag]
+        _check(flag, v, v is not None and ok(v), allowed, preset[flag])
+
+    positive_int = ("--steps", "--batch-size", "--block-size", "--n-layer", "--n-head")
+    for flag in (*positive_int, "--n-embd", "--eval-interval", "--eval-batches"):
+        check(flag, lambda v: v >= 1, "an integer >= 1")
+    for flag in ("--warmup", "--seed", "--max-bytes"):
+        check(flag, lambda v: v >= 0, "an integer >= 0")
+    n_embd = value["--n-embd"]
+    check("--n-head", lambda v: n_embd % v == 0, f"a divisor of --n-embd, {n_embd}")
+    batch = value["--batch-size"]
+    if value["--hessian-batch"] is not None:
+        check("--hessian-batch", lambda v: 1 <= v <= batch, f"1 <= N <= --batch-size, {batch}")
+    for flag in ("--grad-clip", "--sophia-lr", "--rho", "--adamw-lr"):
+        check(flag, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+    check("--sophia-b2", lambda v: 0.0 <= v < 1.0, "0 <= b2 < 1")
+    check("--hessian-interval", lambda v: v >= 1, "an integer >= 1")
+    for flag, values in (
+        ("--sweep-sophia-lrs", args.sweep_sophia_lrs),
+        ("--sweep-rhos", args.sweep_rhos),
+        ("--sweep-adamw-lrs", args.sweep_adamw_lrs),
     ):
-        if value is not None:
-            sophia = dataclasses.replace(sophia, **{field: value})
-    adamw = cfg.adamw if args.adamw_lr is None else dataclasses.replace(cfg.adamw, lr=args.adamw_lr)
-    run = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "warmup": args.warmup,
-        "grad_clip": args.grad_clip,
-        "eval_interval": args.eval_interval,
-        "eval_batches": args.eval_batches,
-        "seed": args.seed,
-        "text": args.text,
-        "max_bytes": args.max_bytes,
-    }
-    # checked here, before RunConfig checks it, so that the message names the flags
-    hessian_batch = cfg.hessian_batch if args.hessian_batch is None else args.hessian_batch
-    batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
-    if hessian_batch is not None and not 1 <= hessian_batch <= max(batch_size, 1):
-        source = "" if args.hessian_batch is not None else f", the {args.preset} preset's"
-        raise ValueError(
-            f"Invalid --hessian-batch: {hessian_batch}{source} "
-            f"(allowed: 1 <= N <= --batch-size, {batch_size})"
-        )
-    cfg = dataclasses.replace(
-        cfg,
-        model=model,
-        sophia=sophia,
-        adamw=adamw,
-        hessian_batch=hessian_batch,
-        **{k: v for k, v in run.items() if v is not None},
-    )
-    for name in ("steps", "batch_size", "eval_interval", "eval_batches"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(
-                f"Invalid --{name.replace('_', '-')}: {getattr(cfg, name)} (allowed: >= 1)"
-            )
-    if cfg.warmup < 0:
-        raise ValueError(f"Invalid --warmup: {cfg.warmup} (allowed: >= 0)")
-    if not 0.0 <= cfg.sophia.b2 < 1.0:
-        raise ValueError(f"Invalid --sophia-b2: {cfg.sophia.b2} (allowed: 0 <= b2 < 1)")
-    if cfg.grad_clip <= 0:
-        raise ValueError(f"Invalid --grad-clip: {cfg.grad_clip} (allowed: > 0)")
-    if cfg.sophia.k < 1:
-        raise ValueError(f"Invalid --hessian-interval: {cfg.sophia.k} (allowed: >= 1)")
-    return cfg
+        for v in values:
+            _check(flag, v, v > 0 and math.isfinite(v), "finite numbers > 0", None)
+    text = _check_text(args.text) if args.text is not None else base.text
+
+    fields: dict[str | None, dict[str, Any]] = {None: {}, "model": {}, "sophia": {}, "adamw": {}}
+    for flag, section, field, _ in _PRESET_FLAGS:
+        fields[section][field] = value[flag]
+    sections = {k: dataclasses.replace(getattr(base, k), **v) for k, v in fields.items() if k}
+    return dataclasses.replace(base, **fields[None], **sections, text=text)
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m sophia.demo`` and ``sophia-demo``; returns the exit status."""
+    """Entry point of ``python -m sophia.demo`` and ``sophia-demo``; returns the exit status.
+
+    Bad flags end it with status 2 and one line naming the flag, the value and
+    what is allowed; the output directory is checked before the first step.
+    Ctrl-C at any moment ends the process with status 130 and the line
+    ``sophia-demo: interrupted`` (see :func:`_exit_interrupted`).
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
+    hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(hook)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _exit_interrupted()
+        raise  # not reached: _exit_interrupted ends the process
+    finally:  # a caller in the same process gets its handlers back
+        sys.unraisablehook = hook
+        if in_main_thread:
+            signal.signal(signal.SIGINT, before)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:
         cfg = build_config(args)
     except ValueError as e:
-        p.error(str(e))
+        return _error(str(e))
     frameworks = ("jax", "torch") if args.framework == "both" else (args.framework,)
+    if args.sweep and len(frameworks) > 1:
+        return _error("--sweep runs one framework; pick --framework jax or torch")
+    try:
+        out = prepare_out_dir(resolve_path(args.out))
+    except ConfigError as e:
+        return _error(f"Invalid --out: {e} (allowed: a directory this user can write to)")
     try:
         if args.sweep:
-            if len(frameworks) > 1:
-                p.error("--sweep runs one framework; pick --framework jax or torch")
             run_sweep(
                 cfg,
                 frameworks[0],
-                args.out,
+                out,
                 sophia_lrs=args.sweep_sophia_lrs,
                 rhos=args.sweep_rhos,
                 adamw_lrs=args.sweep_adamw_lrs,
                 progress=not args.no_progress,
             )
         else:
-            run_comparison(cfg, frameworks, args.out, progress=not args.no_progress)
-    except BackendUnavailable as e:
-        # a framework that is not installed (e.g. sophiag[jax,demo] without torch)
-        print(f"sophia-demo: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sophia-demo: interrupted", file=sys.stderr)
-        return 130
+            run_comparison(cfg, frameworks, out, progress=not args.no_progress)
+    except (BackendUnavailable, ConfigError) as e:
+        # a framework that is not installed (e.g. sophiag[jax,demo] without torch), a corpus
+        # too short for the context
+        return _error(str(e))
     return 0
 
 

@@ -47,6 +47,8 @@ import json
 import math
 import os
 import platform
+import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,20 +61,26 @@ from sophia.demo.data import eval_batches as make_eval_batches
 from sophia.demo.model import ModelConfig, n_params
 
 __all__ = [
+    "BEHIND_NOTE",
     "FRAMEWORKS",
     "PRESETS",
+    "PRESET_NOTES",
     "BackendUnavailable",
+    "ConfigError",
     "OptimConfig",
     "RunConfig",
     "RunResult",
     "Trainer",
     "adamw",
+    "behind_note",
+    "check_corpus",
     "cpu_name",
     "format_table",
     "load_backend",
     "lr_at",
     "machine_info",
     "plot_losses",
+    "prepare_out_dir",
     "run_comparison",
     "run_sweep",
     "sophiag",
@@ -269,6 +277,77 @@ PRESETS: dict[str, RunConfig] = {
         adamw=adamw(),
     ),
 }
+
+
+#: One line per preset, for ``--help``.
+PRESET_NOTES: dict[str, str] = {
+    "tiny": "seconds: a smoke run (2 layers, width 32); learning rates not swept",
+    "default": "the main job: minutes on a 2-core CPU (4 layers, width 64, 220K parameters); "
+    "lr and rho from --sweep; Hessian refresh on 4 of the 16 sequences",
+    "gpt2-small": "the paper's GPT-2-small shape (12 layers, width 768, context 1024) and "
+    "recipes, with a byte vocabulary; for an accelerator",
+}
+
+#: Said under the table and in the plot's title when SophiaG does not reach AdamW's loss.
+BEHIND_NOTE: str = (
+    "SophiaG behind AdamW is the expected result at this scale (the paper's gains are at "
+    'GPT-2 scale over 100K+ steps): see "The main job" in README.md and docs/demo_findings.md'
+)
+
+
+class ConfigError(ValueError):
+    """A run that cannot start as configured (its data or its output directory); says why."""
+
+
+def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
+    """Creates the output directory and checks that files can be written there.
+
+    Called before the first training step, so that an unwritable directory is
+    found at once instead of after the whole run.
+
+    Args:
+      path: the directory (created with its parents when missing).
+
+    Returns:
+      The directory as an absolute path.
+
+    Raises:
+      ConfigError: it cannot be created or written to; the message says why.
+    """
+    out = Path(path).expanduser().absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"cannot write to {out}: {reason}") from e
+    return out
+
+
+def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
+    """Checks that both splits of ``corpus`` hold a window of ``cfg.model.block_size`` tokens.
+
+    Raises:
+      ConfigError: a split is too short; the message names the sizes and the ways out.
+    """
+    need = cfg.model.block_size + 2
+    for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < need:
+            raise ConfigError(
+                f"the {split} split of {corpus.source} has {len(tokens):,} bytes, fewer than "
+                f"block_size + 2 = {need}: use a longer text, a larger max_bytes (--max-bytes) or "
+                "a smaller block_size (--block-size)"
+            )
+
+
+def behind_note(summary: dict[str, dict[str, Any]]) -> str | None:
+    """:data:`BEHIND_NOTE` when SophiaG did not reach AdamW's final loss in some framework."""
+    behind = any(
+        "steps_to_adamw_final" in row and row["steps_to_adamw_final"] is None
+        for row in summary.values()
+    )
+    return BEHIND_NOTE if behind else None
 
 
 def lr_at(step: int, opt: OptimConfig, cfg: RunConfig) -> float:
@@ -814,10 +893,14 @@ def run_comparison(
 
     Raises:
       BackendUnavailable: before any training, if a framework cannot run.
+      ConfigError: before any training, if ``out_dir`` cannot be written or the
+        corpus is too short for the model's context.
     """
     start = time.perf_counter()
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
     backends = [load_backend(fw) for fw in frameworks]
     corpus = load_corpus(cfg.text, cfg.max_bytes)
+    check_corpus(cfg, corpus)
     info = machine_info(backends)
     for line in _describe_machine(info) + _describe_run(cfg, corpus):
         log(line)
@@ -829,8 +912,11 @@ def run_comparison(
     summary = summarize(results)
     table = format_table(summary)
     elapsed = time.perf_counter() - start
+    note = behind_note(summary)
     log("")
     log(table)
+    if note:
+        log(note)
     log(f"\nelapsed {elapsed:.1f} s on {info['cpu']} ({info['cpu_count']} cpus)")
     record = {
         "config": cfg.to_dict(),
@@ -850,14 +936,14 @@ def run_comparison(
         "results": [r.to_dict() for r in results],
         "elapsed_s": elapsed,
     }
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         write_json(record, out / "run.json")
         m = cfg.model
         title = (
             f"GPT {m.n_layer}x{m.n_embd} (ctx {m.block_size}), {cfg.steps} steps of "
             f"{cfg.tokens_per_step} tokens - {Path(corpus.source).name}"
             + (" standard library" if cfg.text is None else "")
+            + (f"\n{textwrap.fill(note, 110)}" if note else "")
         )
         plot_losses(results, out / "loss.png", title)
         log(f"wrote {out / 'run.json'} and {out / 'loss.png'}")
@@ -899,10 +985,17 @@ def run_sweep(
 
     Returns:
       ``{"config", "machine", "runs": [...], "best": {"sophiag": ..., "adamw": ...}, "table"}``.
+
+    Raises:
+      BackendUnavailable: before any training, if the framework cannot run.
+      ConfigError: before any training, if ``out_dir`` cannot be written or the
+        corpus is too short for the model's context.
     """
     start = time.perf_counter()
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
     backend = load_backend(framework)
     corpus = load_corpus(cfg.text, cfg.max_bytes)
+    check_corpus(cfg, corpus)
     info = machine_info([backend])
     for line in _describe_machine(info) + _describe_run(cfg, corpus):
         log(line)
@@ -954,9 +1047,9 @@ def run_sweep(
         "table": table,
         "elapsed_s": elapsed,
     }
-    if out_dir is not None:
-        write_json(record, Path(out_dir) / "sweep.json")
-        log(f"wrote {Path(out_dir) / 'sweep.json'}")
+    if out is not None:
+        write_json(record, out / "sweep.json")
+        log(f"wrote {out / 'sweep.json'}")
     return record
 
 
