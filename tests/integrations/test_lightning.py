@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from sophia.integrations.lightning import SophiaGCallback, next_token_mask  # noqa: E402
-from sophia.torch import SophiaG  # noqa: E402
+from sophia.torch import HessianNotRefreshedWarning, SophiaG  # noqa: E402
 
 VOCAB, SEQ, N_SEQ, MICRO, SEED = 32, 8, 8, 2, 123
 SOPHIA = {"lr": 1e-2, "rho": 0.05, "weight_decay": 0.1}
@@ -220,6 +220,29 @@ def test_a_submodule_called_directly_needs_module_name():
     assert [c["step"] for c in calls] == [0, 2] and calls[0]["mask"] is None
     with pytest.raises(ValueError, match=r"Invalid module: 'nett' is not a submodule of TinyLM"):
         trainer(max_steps=1, callbacks=[SophiaGCallback(module="nett")]).fit(TinyLM(), loader())
+
+
+class NaiveRefresh(L.Callback):
+    """The refresh placed where it looks natural, after Lightning's backward."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: Any, optimizer: Any) -> None:
+        optimizer.update_hessian(logits=module.last_logits)
+
+
+class KeepsLogits(TinyLM):
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.last_logits = self(batch["x"])
+        return loss_of(self.last_logits, batch["y"])
+
+
+def test_the_traps_without_the_callback():
+    module = TinyLM()
+    with pytest.warns(HessianNotRefreshedWarning, match="lightning.SophiaGCallback"):
+        trainer(max_steps=20).fit(module, loader())
+    opt = module.trainer.optimizers[0]
+    assert all(float(opt.state[p]["hessian"].abs().sum()) == 0 for p in module.parameters())
+    with pytest.raises(RuntimeError, match="already freed by a backward.*before loss.backward"):
+        trainer(max_steps=1, callbacks=[NaiveRefresh()]).fit(KeepsLogits(), loader())
 
 
 def test_default_seed_follows_seed_everything():

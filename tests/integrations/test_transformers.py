@@ -36,7 +36,7 @@ from sophia.integrations.transformers import (  # noqa: E402
     next_token_mask,
     sophia_trainer_optimizer,
 )
-from sophia.torch import SophiaG, SophiaGWarning  # noqa: E402
+from sophia.torch import HessianNotRefreshedWarning, SophiaG, SophiaGWarning  # noqa: E402
 
 VOCAB, SEQ, N_SEQ, MICRO = 128, 16, 24, 4
 SOPHIA = {"lr": 1e-3, "rho": 0.05, "weight_decay": 0.1}
@@ -275,6 +275,21 @@ def test_evaluation_and_no_grad_forwards_never_refresh(tmp_path):
     callback.on_step_begin(args, state, control)
     model(**batch)  # the hook is gone after training
     assert len(calls) == 1
+
+
+def test_trainer_without_the_callback_warns_naming_it(tmp_path):
+    """The trap itself: Trainer only calls step(), so h stays 0; SophiaG says what to add."""
+    model = tiny_gpt2()
+    opt = SophiaG(model.parameters(), **SOPHIA)
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path), max_steps=20, per_device_train_batch_size=1),
+        train_dataset=dataset(),
+        optimizers=(opt, None),
+    )
+    with pytest.warns(HessianNotRefreshedWarning, match="transformers.SophiaGCallback"):
+        trainer.train()
+    assert all(float(opt.state[p]["hessian"].abs().sum()) == 0 for p in model.parameters())
 
 
 def test_a_due_refresh_without_a_training_forward_raises(tmp_path):
