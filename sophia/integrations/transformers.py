@@ -148,9 +148,9 @@ class SophiaGCallback(RefreshStats, TrainerCallback):
     ``AcceleratedOptimizer``); anything else raises ``TypeError`` when training
     starts. With ``gradient_checkpointing``, keep torch's default non-reentrant
     checkpoints: the refresh differentiates the logits with
-    ``torch.autograd.grad``, which reentrant ones refuse. A weight decay that Trainer's ``optimizer_cls_and_kwargs`` replaced
-    by ``args.weight_decay`` gets a warning that names
-    :func:`sophia_trainer_optimizer`.
+    ``torch.autograd.grad``, which reentrant ones refuse. A weight decay that
+    Trainer's ``optimizer_cls_and_kwargs`` replaced by ``args.weight_decay``
+    gets a warning that names :func:`sophia_trainer_optimizer`.
 
     Args:
       hessian_update_interval: ``k``, optimizer steps between refreshes
