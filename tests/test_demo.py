@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -688,3 +690,66 @@ def test_ctrl_c_ends_cleanly_at_any_moment(moment, tmp_path):
     assert code == 130, f"exit status {code}:\n{out}"
     assert out.rstrip().endswith("sophia-demo: interrupted"), out
     assert "Traceback" not in out and "Fatal Python error" not in out, out
+
+
+# ---------------------------------------------------------------- ./dev
+
+DEV = Path(__file__).resolve().parents[1] / "dev"
+
+
+def _dev_stamp() -> str:
+    root = DEV.parent
+    data = (root / "constraints" / "dev.txt").read_bytes() + (root / "pyproject.toml").read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _script(path: Path, text: str) -> Path:
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return path
+
+
+def test_dev_says_what_it_does_while_it_builds_the_environment(tmp_path):
+    """The first ``./dev`` run prints one line per phase on stderr (it was silent for minutes);
+    a later one, with the environment current, prints nothing. The venv and pip are fakes."""
+    venv = tmp_path / "venv"
+    fake = _script(
+        tmp_path / "python3",
+        'mkdir -p "$3/bin"\n'  # called as: python3 -m venv DIR
+        'printf \'#!/bin/sh\\necho "$*" >> "%s/calls"\\n\' "$3" > "$3/bin/python"\n'
+        'chmod +x "$3/bin/python"\n',
+    )
+    env = {**os.environ, "SOPHIA_VENV": str(venv), "PYTHON": str(fake)}
+    first = subprocess.run([DEV, "setup"], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    assert [line.split(" ")[1] for line in lines] == ["creating", "installing", "environment"]
+    assert all(line.startswith("dev: ") for line in lines) and str(venv) in lines[0]
+    assert "-m pip install -q -c constraints/dev.txt -e .[dev]" in (venv / "calls").read_text()
+    assert (venv / ".sophia-setup").read_text().strip() == _dev_stamp()
+    again = subprocess.run([DEV, "setup"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr == ""
+
+
+def test_dev_demo_takes_paths_from_where_it_was_started(tmp_path):
+    """``./dev`` changes to the checkout; a relative ``--text`` still means the caller's file,
+    and the message names it by its absolute path."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    _script(venv / "bin" / "python", f'exec {sys.executable} "$@"\n')
+    (venv / ".sophia-setup").write_text(_dev_stamp() + "\n")
+    caller = tmp_path / "somewhere"
+    caller.mkdir()
+    run = subprocess.run(
+        [DEV, "demo", "--preset", "tiny", "--text", "missing.txt"],
+        cwd=caller,
+        env={**os.environ, "SOPHIA_VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == (
+        f"sophia-demo: error: Invalid --text: {caller / 'missing.txt'} "
+        "(no such file; allowed: a readable, non-empty file)\n"
+    )

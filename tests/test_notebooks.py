@@ -7,9 +7,9 @@ test. The committed notebooks must carry no outputs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +19,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from sophia.demo import notebook
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 #: Each notebook and the figures it writes to $SOPHIA_NOTEBOOK_OUT.
@@ -27,7 +29,7 @@ FIGURES = {
     "lm_tpu": {"lm_loss"},
     "quickstart_torch": {"torch_dropin", "torch_to_jax"},
 }
-KERNEL = "sophia-notebook-test"
+KERNEL = notebook.KERNEL
 CELL_TIMEOUT = 300
 #: XLA's CPU backend at LLVM -O0: the small runs are dominated by compilation.
 FAST_XLA = "--xla_backend_optimization_level=0"
@@ -36,14 +38,7 @@ FAST_XLA = "--xla_backend_optimization_level=0"
 @pytest.fixture(scope="module")
 def jupyter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A JUPYTER_PATH whose kernelspec runs this interpreter, whatever other kernels exist."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
-    )
-    return root
+    return notebook.write_kernel_spec(tmp_path_factory.mktemp("jupyter"))
 
 
 def _run(
@@ -138,3 +133,47 @@ def test_notebook_runs(name, tmp_path, jupyter_dir, monkeypatch):
         assert "Mesh('data': 2" in text, text
         # the two virtual devices split the parameters and SophiaG's state alike
         assert re.search(r"blocks\.attn\.w_qkv .*(P\(None, None, 'data'\) *){3}", text), text
+
+
+def test_notebook_command_runs_a_notebook_where_the_caller_is(tmp_path):
+    """``python -m sophia.demo.notebook`` (``./dev notebook``): the notebook runs in this
+    interpreter from its folder; the executed copy and the figures land in ``--out``, taken
+    from ``$SOPHIA_CALLER_DIR``; the notebook itself is left without outputs."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# mini"),
+        nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.getcwd())"),
+        nbformat.v4.new_code_cell(
+            "from pathlib import Path\n"
+            "Path(os.environ['SOPHIA_NOTEBOOK_OUT'], 'fig.png').write_bytes(b'png')\n"
+            "print(os.environ.get('SOPHIA_NOTEBOOK_SMALL'))"
+        ),
+    ]
+    src = tmp_path / "nbs" / "mini.ipynb"
+    src.parent.mkdir()
+    nbformat.write(nb, src)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "sophia.demo.notebook", str(src), "--out", "out", "--small"],
+        cwd=ROOT,
+        env={**os.environ, "SOPHIA_CALLER_DIR": str(caller)},
+        capture_output=True,
+        text=True,
+        timeout=CELL_TIMEOUT,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "cell 1/2" in run.stderr and "cell 2/2" in run.stderr
+    done = nbformat.read(caller / "out" / "mini.ipynb", as_version=4)
+    assert _stdout(done.cells[1]).splitlines() == [sys.executable, str(src.parent)]
+    assert _stdout(done.cells[2]).strip() == "1"
+    assert (caller / "out" / "fig.png").read_bytes() == b"png"
+    assert all(c.get("outputs", []) == [] for c in nbformat.read(src, as_version=4).cells)
+
+
+def test_notebook_command_names_the_notebooks_it_knows(capsys):
+    assert notebook.main(["no_such_notebook"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no notebook 'no_such_notebook'" in err
+    assert all(p.stem in err for p in NOTEBOOKS.glob("*.ipynb"))
+    assert notebook.find_notebook("quickstart_torch") == NOTEBOOKS / "quickstart_torch.ipynb"
