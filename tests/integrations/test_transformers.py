@@ -116,9 +116,14 @@ class Spy:
         def count(module: nn.Module, args: Any) -> None:
             self.forwards += 1
 
+        def autocast(module: nn.Module, args: Any, output: Any) -> None:
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+
         opt.update_hessian = update_hessian  # type: ignore[method-assign]
         # registered before the callback's hook: counts the forward that is refreshing
         model.register_forward_pre_hook(count)
+        self.autocast: list[bool] = []  # per forward: did the logits come from bf16 autocast?
+        model.lm_head.register_forward_hook(autocast)
 
 
 def epochs(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -238,6 +243,7 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
 
 def test_bf16_autocast_runs(tmp_path):
     model, opt, spy, callback, _ = run_trainer(str(tmp_path), k=2, max_steps=3, bf16=True)
+    assert spy.autocast == [True] * 3  # Trainer ran the forwards under CPU bf16 autocast
     assert [c["step"] for c in spy.calls] == [0, 2]
     for p in model.parameters():
         h = opt.state[p]["hessian"]
