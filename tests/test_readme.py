@@ -277,3 +277,50 @@ def test_block_runs(block: Block):
         )
     if block.name in CHECKS:
         CHECKS[block.name](ns)
+
+
+# ---------------------------------------------------------------- the one refresh rule
+
+NOTEBOOKS = README.parent / "notebooks"
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _notebook_text(path: Path, kind: str | None = None) -> str:
+    import nbformat
+
+    cells = nbformat.read(path, as_version=4).cells
+    return "\n".join(c.source for c in cells if kind is None or c.cell_type == kind)
+
+
+def test_the_one_refresh_rule_is_stated_in_the_same_words(capsys):
+    """README, notebooks and demo say when the Hessian is refreshed, in the same words."""
+    from sophia.demo import __main__ as cli
+    from sophia.demo import data, train, train_jax, train_torch
+
+    rule = _flat(train.REFRESH_RULE)
+    places = {"README.md": README.read_text()}
+    for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
+        places[nb.name] = _notebook_text(nb, "markdown")
+    places["sophia-demo --help"] = cli.parser().format_help()
+    corpus = data.Corpus(np.zeros(100, np.uint8), np.zeros(10, np.uint8), "x", 1, 0, "0")
+    places["the demo's console"] = "\n".join(train._describe_run(train.PRESETS["tiny"], corpus))
+    for module in (train, train_jax, train_torch):
+        places[module.__name__] = module.__doc__
+    missing = [name for name, text in places.items() if rule not in _flat(text)]
+    assert not missing, f"not stated as {train.REFRESH_RULE!r} in: {missing}"
+
+
+def test_no_loop_refreshes_at_another_phase():
+    """Every ``step % k == ...`` test in the README's and the notebooks' code compares with 0."""
+    code = {b.name: b.source for b in BLOCKS}
+    for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
+        code[nb.name] = _notebook_text(nb, "code")
+    checks = 0
+    for name, source in code.items():
+        for m in re.finditer(r"%\s*\w+\s*==\s*([^:)#\n]+)", source):
+            checks += 1
+            assert m.group(1).strip() == "0", f"{name}: {m.group(0)!r} (the rule: step % k == 0)"
+    assert checks >= 3  # the README's torch loop and the torch notebook's loops

@@ -99,6 +99,7 @@ from typing import Any  # noqa: E402
 from sophia.demo.train import (  # noqa: E402
     PRESET_NOTES,
     PRESETS,
+    REFRESH_RULE,
     SWEEP_ADAMW_LRS,
     SWEEP_RHOS,
     SWEEP_SOPHIA_LRS,
@@ -186,8 +187,7 @@ _PRESET_FLAGS: tuple[tuple[str, str | None, str, str], ...] = (
         "--hessian-interval",
         "sophia",
         "k",
-        "SophiaG k: the Hessian is refreshed at the start of steps 0, k, 2k, ..., before "
-        "that step's update",
+        f"SophiaG k: {REFRESH_RULE}",
     ),
     ("--sophia-b2", "sophia", "b2", "SophiaG b2 (EMA rate of the Hessian)"),
     ("--adamw-lr", "adamw", "lr", "AdamW peak learning rate"),

@@ -28,8 +28,9 @@ What a backend must match so that its runs are comparable with the JAX ones
   decay multiplied by it (AdamW-style decoupled decay), applied only where
   :func:`sophia.demo.model.decays` says so;
 * SophiaG: ``bs = cfg.hessian_tokens``, the labels behind each GNB estimate;
-  the Hessian refresh on updates with ``step % k == 0``, *before* that update,
-  from the same batch: labels sampled from the model's own softmax, the
+  :data:`REFRESH_RULE`: the Hessian is refreshed at the start of steps 0, k,
+  2k, ..., before that step's update (``step % k == 0``, steps counted from
+  0), from the same batch: labels sampled from the model's own softmax, the
   gradient of their mean cross-entropy squared (GNB). Over the whole batch
   (``cfg.hessian_batch`` unset) it reuses the training forward (one extra
   backward); over the first ``cfg.hessian_batch`` sequences it runs its own
@@ -63,6 +64,7 @@ from sophia.demo.model import ModelConfig, n_params
 __all__ = [
     "BEHIND_NOTE",
     "FRAMEWORKS",
+    "REFRESH_RULE",
     "PRESETS",
     "PRESET_NOTES",
     "BackendUnavailable",
@@ -90,6 +92,11 @@ __all__ = [
 ]
 
 FRAMEWORKS: tuple[str, ...] = ("jax", "torch")
+#: When SophiaG's Hessian is refreshed, in the words the README and the notebooks use too
+#: (the rule of ``sophia.jax``'s built-in refresh, ``count % k == 0``).
+REFRESH_RULE: str = (
+    "the Hessian is refreshed at the start of steps 0, k, 2k, ..., before that step's update"
+)
 #: Steps at the start of a run left out of the timings (compilation, warm caches).
 TIMING_SKIP: int = 2
 
@@ -128,7 +135,11 @@ class OptimConfig:
         return "SophiaG" if self.name == "sophiag" else "AdamW"
 
     def refreshes(self, step: int) -> bool:
-        """Whether update number ``step`` (0-based) refreshes the Hessian (``step % k == 0``)."""
+        """Whether update ``step`` (0-based) refreshes the Hessian first (``step % k == 0``).
+
+        :data:`REFRESH_RULE`: the Hessian is refreshed at the start of steps 0,
+        k, 2k, ..., before that step's update.
+        """
         return self.name == "sophiag" and step % self.k == 0
 
     def describe(self) -> str:
@@ -848,7 +859,7 @@ def _describe_run(cfg: RunConfig, corpus: Corpus) -> list[str]:
         f"{cfg.tokens_per_step:,} tokens/step, warm-up {cfg.warmup}, cosine to "
         f"{cfg.min_lr_ratio:g} lr, clip {cfg.grad_clip:g}, eval every {cfg.eval_interval} "
         f"on {cfg.eval_batches} batches, seed {cfg.seed}",
-        "SophiaG Hessian refresh: "
+        f"SophiaG Hessian refresh: {REFRESH_RULE} (k = {cfg.sophia.k}); "
         + (
             "whole batch, training forward reused"
             if cfg.reuses_forward

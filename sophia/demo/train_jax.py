@@ -1,6 +1,8 @@
 """The demo's JAX backend: the GPT of :mod:`sophia.demo.model_jax` trained with Optax.
 
-SophiaG is :func:`sophia.jax.sophia_g` with its built-in GNB estimator. The
+SophiaG is :func:`sophia.jax.sophia_g` with its built-in GNB estimator: the
+Hessian is refreshed at the start of steps 0, k, 2k, ..., before that step's
+update (``count % k == 0``). The
 training step runs the forward once, ``logits, vjp = jax.vjp(forward, params)``,
 takes the gradient through ``vjp`` and hands ``logits=..., logits_vjp=vjp`` to
 ``update``, so a Hessian-refresh step costs one extra backward and no extra

@@ -1,7 +1,10 @@
 """The demo's PyTorch backend: the GPT of :mod:`sophia.demo.model_torch` with torch optimizers.
 
-SophiaG is :class:`sophia.torch.SophiaG`; on a Hessian-refresh step
-``update_hessian(logits=logits)`` samples labels from the training forward's
+SophiaG is :class:`sophia.torch.SophiaG`. The Hessian is refreshed at the
+start of steps 0, k, 2k, ..., before that step's update (the rule of
+:mod:`sophia.jax`'s built-in refresh): on those steps
+``update_hessian(logits=logits)``, after the forward and before
+``loss.backward()`` and ``step()``, samples labels from the training forward's
 logits and backpropagates their loss through the same graph, so a refresh
 costs one extra backward and no extra forward. AdamW is
 :class:`torch.optim.AdamW`. Both get the gradient after
