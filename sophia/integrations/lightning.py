@@ -132,8 +132,8 @@ class SophiaGCallback(RefreshStats, pl.Callback):
         if len(found) > 1:
             raise ValueError(
                 f"{_OWNER}: configure_optimizers returned {len(found)} SophiaG optimizers; the "
-                "callback refreshes one (the one that owns the hooked module's parameters): "
-                "use one SophiaG with several param groups"
+                "callback refreshes exactly one: give their parameters to one SophiaG as "
+                "separate param groups"
             )
         name = type(pl_module).__name__
         target: torch.nn.Module = pl_module

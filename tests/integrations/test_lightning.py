@@ -257,9 +257,20 @@ def test_default_seed_follows_seed_everything():
     assert not torch.equal(states[0], states[2])
 
 
+class TwoSophiaG(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False  # Lightning's rule for several optimizers
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [SophiaG(self.net[0].parameters()), SophiaG(self.net[1].parameters())]
+
+
 def test_errors():
     with pytest.raises(TypeError, match=r"SophiaG, but the trainer's optimizers are AdamW"):
         trainer(max_steps=1, callbacks=[SophiaGCallback()]).fit(TinyLM(optimizer="adamw"), loader())
+    with pytest.raises(ValueError, match=r"returned 2 SophiaG optimizers.*one SophiaG"):
+        trainer(max_steps=1, callbacks=[SophiaGCallback()]).fit(TwoSophiaG(), loader())
     bad_mask = SophiaGCallback(mask_fn=lambda batch: batch["y"][:, 1:] != -100)
     with pytest.raises(ValueError, match=r"mask_fn\(batch\).*shape \(2, 7\)"):
         trainer(max_steps=1, callbacks=[bad_mask]).fit(TinyLM(), loader())
