@@ -12,8 +12,16 @@ Example::
 """
 
 from sophia.jax.alias import sophia_g, sophia_h
-from sophia.jax.estimators import gnb, gnb_from_vjp, hutchinson, sample_labels
+from sophia.jax.estimators import (
+    gnb,
+    gnb_from_vjp,
+    gnb_with_label_count,
+    hutchinson,
+    label_count,
+    sample_labels,
+)
 from sophia.jax.transform import (
+    Estimate,
     Estimator,
     ScaleBySophiaState,
     StaticFlag,
@@ -27,6 +35,7 @@ from sophia.jax.transform import (
 )
 
 __all__ = [
+    "Estimate",
     "Estimator",
     "ScaleBySophiaState",
     "StaticFlag",
@@ -34,7 +43,9 @@ __all__ = [
     "diagnostics",
     "gnb",
     "gnb_from_vjp",
+    "gnb_with_label_count",
     "hutchinson",
+    "label_count",
     "on_real_pairs",
     "sample_labels",
     "scale_by_learning_rate",

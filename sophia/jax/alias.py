@@ -11,7 +11,7 @@ import jax
 import optax
 
 from sophia import spec
-from sophia.jax.estimators import gnb, hutchinson
+from sophia.jax.estimators import gnb, gnb_with_label_count, hutchinson
 from sophia.jax.transform import (
     Estimator,
     add_decayed_weights,
@@ -25,7 +25,7 @@ __all__ = ["sophia_g", "sophia_h"]
 _D = spec.DEFAULTS
 
 
-_ESTIMATORS: dict[str, Estimator] = {"gnb": gnb, "hutchinson": hutchinson}
+_ESTIMATORS: dict[str, Estimator] = {"gnb": gnb_with_label_count, "hutchinson": hutchinson}
 
 
 def _estimator(estimator: Estimator | str, axis_name: str | None = None) -> Estimator:
@@ -36,6 +36,8 @@ def _estimator(estimator: Estimator | str, axis_name: str | None = None) -> Esti
                 " or a callable estimator(params, key, **extra_args) -> h_hat)"
             )
         estimator = _ESTIMATORS[estimator]
+    elif estimator is gnb:  # the same estimate, with the label count bs=None follows
+        estimator = gnb_with_label_count
     elif not callable(estimator):
         raise ValueError(
             f"Invalid estimator: {estimator!r} (allowed: 'gnb', 'hutchinson' or a callable)"
@@ -50,7 +52,7 @@ def sophia_g(
     rho: chex.Numeric = _D.rho,
     weight_decay: optax.ScalarOrSchedule = _D.weight_decay,
     *,
-    bs: chex.Numeric = _D.bs,
+    bs: chex.Numeric | None = _D.bs,
     eps: chex.Numeric = _D.eps,
     hessian_update_interval: int | None = _D.hessian_update_interval,
     estimator: Estimator | str = "gnb",
@@ -78,8 +80,12 @@ def sophia_g(
         updates, state = tx.update(grads, state, params, logits_fn=lambda p: model(p, x))
 
     (or ``logits=..., logits_vjp=...`` to reuse the training forward pass).
-    ``bs`` should be the number of labels behind each estimate (tokens per
-    batch for a language model).
+    Where some positions do not enter the loss (padding, the last position of
+    a causal model's shifted labels) add ``mask=``, a boolean array of
+    ``logits.shape[:-1]`` that is True where a position counts.
+    ``bs`` is the number of labels behind each estimate (tokens per batch for
+    a language model); the default ``None`` takes it from each refresh's
+    logits (their positions, or the mask's True entries).
 
     Args:
       learning_rate: a scalar or an optax schedule.
@@ -88,7 +94,10 @@ def sophia_g(
       rho: clipping scale.
       weight_decay: decoupled weight decay (scalar or schedule), multiplied by
         the learning rate as in AdamW.
-      bs: number of sampled labels behind each estimate.
+      bs: number of sampled labels behind each estimate; ``None``: the label
+        count of the latest GNB refresh (:data:`sophia.spec.REFERENCE_BS`,
+        with a one-time warning, where an estimate carries no count). A number
+        that differs from the count a refresh sees gets a one-time warning.
       eps: added to the denominator.
       hessian_update_interval: refresh every ``k`` steps; ``None`` for manual
         refreshes with :func:`sophia.jax.update_hessian`.

@@ -16,8 +16,16 @@ import jax.numpy as jnp
 import optax
 
 from sophia import spec
+from sophia.jax.transform import Estimate
 
-__all__ = ["gnb", "gnb_from_vjp", "hutchinson", "sample_labels"]
+__all__ = [
+    "gnb",
+    "gnb_from_vjp",
+    "gnb_with_label_count",
+    "hutchinson",
+    "label_count",
+    "sample_labels",
+]
 
 _GNB_INPUTS = (
     "sophia_g needs the model's logits on a Hessian refresh step: pass "
@@ -72,12 +80,49 @@ def _axis_mean(tree: optax.Params, axis_name: str) -> optax.Params:
     return jax.tree.map(mean, tree)
 
 
-def _residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``d mean_i CE(logits_i, labels_i) / d logits``, i.e. ``(softmax - onehot) / N``."""
-    n = max(logits.size // logits.shape[-1], 1)
+def _residual(logits: jax.Array, labels: jax.Array, n: Any, mask: jax.Array | None) -> jax.Array:
+    """``d mean_i CE(logits_i, labels_i) / d logits``, i.e. ``(softmax - onehot) / n``.
+
+    With ``mask``, rows outside it are exactly zero (``where``, not a product, so
+    that a NaN or inf in a padded row cannot leak into the estimate).
+    """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    return ((probs - onehot) / n).astype(logits.dtype)
+    res = (probs - onehot) / n
+    if mask is not None:
+        res = jnp.where(mask[..., None], res, jnp.zeros([], res.dtype))
+    return res.astype(logits.dtype)
+
+
+def _check_mask(mask: Any, logits: jax.Array) -> jax.Array:
+    """``mask`` as a bool array of ``logits.shape[:-1]``, or a ValueError naming what is wrong."""
+    shape = getattr(mask, "shape", None)
+    want = tuple(logits.shape[:-1])
+    if shape is None or tuple(shape) != want:
+        raise ValueError(
+            f"Invalid mask: shape {shape} (allowed: a boolean array of logits.shape[:-1] = "
+            f"{want}, True where the position enters the loss)"
+        )
+    dtype = jnp.dtype(mask.dtype)
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.number)):
+        raise ValueError(f"Invalid mask: dtype {dtype} (allowed: bool, or 0/1 numbers)")
+    return mask if dtype == jnp.bool_ else mask != 0
+
+
+def label_count(
+    logits: jax.Array, mask: jax.Array | None = None, axis_name: str | None = None
+) -> Any:
+    """Number of labels a GNB estimate on ``logits`` samples: the ``bs`` it calls for.
+
+    ``logits.size // vocab`` (a Python int) without a mask, the (traced) number of
+    True entries of ``mask`` with one; summed over ``axis_name`` under
+    ``shard_map``/``pmap``, where each device holds part of the batch.
+    """
+    if mask is None:
+        n = max(logits.size // logits.shape[-1], 1)
+        return n if axis_name is None else n * jax.lax.axis_size(axis_name)
+    n = jnp.sum(_check_mask(mask, logits), dtype=jnp.int32)
+    return n if axis_name is None else jax.lax.psum(n, axis_name)
 
 
 def gnb_from_vjp(
@@ -86,6 +131,7 @@ def gnb_from_vjp(
     key: jax.Array,
     labels: jax.Array | None = None,
     axis_name: str | None = None,
+    mask: jax.Array | None = None,
 ) -> optax.Params:
     r"""GNB estimate from an existing forward pass: one backward, no forward.
 
@@ -104,18 +150,46 @@ def gnb_from_vjp(
         so every device gets the estimate of the global batch (``bs`` is then
         the global label count). Not needed under plain ``jit`` with sharded
         arrays, where the mean is already global.
+      mask: boolean array of ``logits.shape[:-1]``, True where the position
+        enters the loss (padding and the last position of a causal model's
+        shifted labels are False). The mean is over the masked-in positions
+        only, and the rest contribute exactly nothing; ``N`` is their count.
 
     Returns:
       ``h_hat``, with the structure of the parameters.
     """
+    return _gnb_from_vjp(logits, logits_vjp, key, labels, axis_name, mask)[0]
+
+
+def _gnb_from_vjp(
+    logits: jax.Array,
+    logits_vjp: Callable[[jax.Array], tuple[optax.Params]],
+    key: jax.Array,
+    labels: jax.Array | None,
+    axis_name: str | None,
+    mask: jax.Array | None,
+) -> tuple[optax.Params, Any]:
+    """:func:`gnb_from_vjp` and the label count behind it (see :func:`label_count`)."""
+    if mask is not None:
+        mask = _check_mask(mask, logits)
+    n_labels = label_count(logits, mask, axis_name)
+    n = max(logits.size // logits.shape[-1], 1)
+    if mask is not None:
+        # The mean over the global masked-in positions: each device divides by the
+        # global count over the axis size, so that the axis mean below sums them.
+        n = jnp.maximum(n_labels, 1).astype(jnp.float32)
+        if axis_name is not None:
+            n = n / jax.lax.axis_size(axis_name)
     # Per-device samples differ; fold the device index into the key under an axis.
     if axis_name is not None and labels is None:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    # Sampled at every position (shapes are static under jit); the labels at masked-in
+    # positions depend only on their own rows' logits, and the others are discarded.
     y = sample_labels(key, logits) if labels is None else labels
-    (g_hat,) = logits_vjp(_residual(jax.lax.stop_gradient(logits), y))
+    (g_hat,) = logits_vjp(_residual(jax.lax.stop_gradient(logits), y, n, mask))
     if axis_name is not None:
         g_hat = _axis_mean(g_hat, axis_name)
-    return jax.tree.map(_square, g_hat)
+    return jax.tree.map(_square, g_hat), n_labels
 
 
 def gnb(
@@ -126,6 +200,7 @@ def gnb(
     logits: jax.Array | None = None,
     logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None = None,
     labels: jax.Array | None = None,
+    mask: jax.Array | None = None,
     axis_name: str | None = None,
     **_: Any,
 ) -> optax.Params:
@@ -133,11 +208,12 @@ def gnb(
 
     Samples :math:`\hat y \sim \mathrm{softmax}(f(\theta))`, takes
     :math:`\hat g = \nabla_\theta \frac1N \sum_i \ell(f_i(\theta), \hat y_i)`
-    (mean cross-entropy over the ``N = logits.size / vocab`` sampled labels)
+    (mean cross-entropy over the ``N = logits.size / vocab`` sampled labels,
+    or over the ``N = mask.sum()`` masked-in ones)
     and returns :math:`\hat h = \hat g \odot \hat g`. By Bartlett's identity
     :math:`N\,\mathbb E[\hat h]` is the diagonal of the Gauss-Newton matrix of
     the mean loss, which is why the update divides by ``rho * bs * h`` with
-    ``bs = N``.
+    ``bs = N`` (what :func:`sophia.jax.sophia_g` does with ``bs=None``).
 
     Args:
       params: parameters to estimate at.
@@ -148,6 +224,8 @@ def gnb(
       logits_vjp: the VJP of ``logits_fn`` at ``params`` (``jax.vjp``); with it
         a refresh costs one extra backward and no forward.
       labels: fixed labels instead of sampled ones.
+      mask: boolean array of ``logits.shape[:-1]``, True where the position
+        enters the loss; see :func:`gnb_from_vjp`.
       axis_name: mapped axis the batch is split along (``shard_map``/``pmap``);
         see :func:`gnb_from_vjp`.
       **_: other keyword arguments of ``update``, ignored.
@@ -155,14 +233,48 @@ def gnb(
     Returns:
       ``h_hat``, with the structure of ``params``.
     """
+    return _gnb(
+        params,
+        key,
+        logits_fn=logits_fn,
+        logits=logits,
+        logits_vjp=logits_vjp,
+        labels=labels,
+        mask=mask,
+        axis_name=axis_name,
+    )[0]
+
+
+def _gnb(
+    params: optax.Params,
+    key: jax.Array,
+    *,
+    logits_fn: Callable[[optax.Params], jax.Array] | None = None,
+    logits: jax.Array | None = None,
+    logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None = None,
+    labels: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    axis_name: str | None = None,
+    **_: Any,
+) -> tuple[optax.Params, Any]:
+    """:func:`gnb` and the label count behind it."""
     if logits_vjp is not None:
         if logits is None:
             raise ValueError("gnb: logits_vjp=... needs the matching logits=...; " + _GNB_INPUTS)
-        return gnb_from_vjp(logits, logits_vjp, key, labels, axis_name)
+        return _gnb_from_vjp(logits, logits_vjp, key, labels, axis_name, mask)
     if logits_fn is None:
         raise ValueError(_GNB_INPUTS)
     out, vjp = jax.vjp(logits_fn, params)
-    return gnb_from_vjp(out, vjp, key, labels, axis_name)
+    return _gnb_from_vjp(out, vjp, key, labels, axis_name, mask)
+
+
+def gnb_with_label_count(params: optax.Params, key: jax.Array, **extra_args: Any) -> Estimate:
+    """:func:`gnb` as an :class:`~sophia.jax.Estimate` that carries its label count.
+
+    The estimator ``sophia_g`` refreshes with: the count becomes the state's
+    ``bs`` when ``bs=None``. Takes the keyword arguments of :func:`gnb`.
+    """
+    return Estimate(*_gnb(params, key, **extra_args))
 
 
 def _rademacher_like(key: jax.Array, tree: optax.Params) -> optax.Params:

@@ -7,6 +7,7 @@ dynamic-rho rule that this module implements for JAX.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ import optax
 from sophia import spec
 
 __all__ = [
+    "Estimate",
     "Estimator",
     "ScaleBySophiaState",
     "StaticFlag",
@@ -47,6 +49,23 @@ class StaticFlag:
         return self.value
 
 
+class Estimate(NamedTuple):
+    """A diagonal-Hessian estimate and the number of sampled labels behind it.
+
+    An :data:`Estimator` may return one instead of the bare ``h_hat`` (the GNB
+    estimator of :func:`sophia.jax.sophia_g` does): with ``bs=None`` the
+    state's ``bs`` then follows ``label_count``, the ``N`` of the estimate's
+    mean cross-entropy.
+
+    Attributes:
+      h_hat: the estimate, with the structure of the parameters.
+      label_count: the number of labels (an int, or a traced integer scalar).
+    """
+
+    h_hat: optax.Updates
+    label_count: Any
+
+
 class ScaleBySophiaState(NamedTuple):
     r"""State of :func:`scale_by_sophia`.
 
@@ -64,11 +83,15 @@ class ScaleBySophiaState(NamedTuple):
       b2: the Hessian EMA rate in force (kept for :func:`update_hessian`).
       rho0: the configured :math:`\rho`, the centre of the dynamic bounds.
       dynamic: whether the dynamic-rho rule is on.
-      bs: the configured ``bs`` (kept for :func:`update_hessian`).
+      bs: the ``bs`` in force: the configured one, or with ``bs=None`` the
+        label count of the latest GNB refresh (:data:`sophia.spec.REFERENCE_BS`
+        until one has given a count).
       eps: the configured ``eps`` (kept for :func:`update_hessian`).
       step_diagnostics: whether every step computes ``win_rate`` and
         ``momentum_norm`` (a :class:`StaticFlag`: part of the state's structure,
         so a refresh under ``jit`` knows it without a branch).
+      bs_from_refresh: whether ``bs`` follows the refresh's label count (the
+        transform was built with ``bs=None``; a :class:`StaticFlag`).
     """
 
     count: jax.Array
@@ -85,6 +108,7 @@ class ScaleBySophiaState(NamedTuple):
     bs: jax.Array
     eps: jax.Array
     step_diagnostics: StaticFlag
+    bs_from_refresh: StaticFlag = StaticFlag(False)
 
 
 def _cd(dtype: Any) -> jnp.dtype:
@@ -282,12 +306,83 @@ def _ema_and_rho(state: ScaleBySophiaState, h_hat: optax.Updates) -> ScaleBySoph
     return state._replace(hessian=hessian, rho=rho, hessian_norm=jnp.sqrt(_sq_norm(hessian, sd)))
 
 
+def _split_estimate(h_hat: Any) -> tuple[optax.Updates, Any]:
+    """``(h_hat, label_count)`` of an estimator's result; the count is ``None`` if it gave none."""
+    if isinstance(h_hat, Estimate):
+        return h_hat.h_hat, h_hat.label_count
+    return h_hat, None
+
+
+#: One-time warnings given by :func:`update_hessian` (it has no transform to remember them).
+_WARNED: set[str] = set()
+
+
+def _warn_once(warned: set[str], key: str, message: str) -> None:
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _follow_label_count(
+    state: ScaleBySophiaState, n: Any, configured_bs: Any, warned: set[str]
+) -> ScaleBySophiaState:
+    """After a refresh with label count ``n`` (``None``: unknown), the ``bs`` in force.
+
+    Runs after :func:`_ema_and_rho`, whose catch-up diagnostics need the ``bs`` of
+    the step before. With ``bs=None`` the state takes ``n``, or
+    :data:`sophia.spec.REFERENCE_BS` with a one-time warning where the estimate
+    carries no count; a refresh with no labels (an all-False mask) keeps the
+    previous ``bs``. A numeric ``bs`` that differs from ``n`` gets a one-time
+    warning naming both (at trace time where both are known then, else from the
+    device through :func:`jax.debug.callback`).
+    """
+    sd = state.rho.dtype
+    if not state.bs_from_refresh:
+        if n is not None and configured_bs is not None:
+            _check_bs(configured_bs, n, warned)
+        return state
+    if n is None:
+        _warn_once(
+            warned,
+            "reference_bs",
+            f"sophia: bs=None follows the label count of a GNB refresh, but this estimate "
+            f"carries none (a hand-made or Hutchinson estimate), so bs={spec.REFERENCE_BS} "
+            "(spec.REFERENCE_BS, the paper's code's default) is used; pass bs= (the number "
+            "of labels behind each estimate), or update_hessian(..., label_count=n)",
+        )
+        return state._replace(bs=jnp.asarray(spec.REFERENCE_BS, sd))
+    n = jnp.asarray(n)
+    return state._replace(bs=jnp.where(n > 0, n.astype(sd), state.bs))
+
+
+def _check_bs(bs: Any, n: Any, warned: set[str]) -> None:
+    """Warns once if the numeric ``bs`` differs from the label count ``n`` of a GNB refresh."""
+    if "bs_mismatch" in warned:
+        return
+
+    def check(bs_value: Any, n_value: Any) -> None:
+        bs_value, n_value = float(bs_value), int(n_value)
+        if n_value > 0 and bs_value != n_value:
+            _warn_once(
+                warned,
+                "bs_mismatch",
+                f"sophia: bs={bs_value:g} but the GNB refresh saw {n_value} labels; the "
+                f"update divides by rho * bs * h, so bs should be the refresh's label count "
+                f"({n_value}): pass bs={n_value}, or bs=None to follow the refresh",
+            )
+
+    try:
+        check(bs, n)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        jax.debug.callback(check, bs, n)
+
+
 def scale_by_sophia(
     b1: chex.Numeric = spec.DEFAULTS.betas[0],
     b2: chex.Numeric = spec.DEFAULTS.betas[1],
     rho: chex.Numeric = spec.DEFAULTS.rho,
     *,
-    bs: chex.Numeric = spec.DEFAULTS.bs,
+    bs: chex.Numeric | None = spec.DEFAULTS.bs,
     eps: chex.Numeric = spec.DEFAULTS.eps,
     hessian_update_interval: int | None = spec.DEFAULTS.hessian_update_interval,
     estimator: Estimator | None = None,
@@ -328,7 +423,9 @@ def scale_by_sophia(
       b1: EMA rate of the momentum.
       b2: EMA rate of the Hessian estimate.
       rho: clipping scale (the paper's :math:`\gamma`).
-      bs: number of sampled labels behind each estimate.
+      bs: number of sampled labels behind each estimate; ``None``: the label
+        count of the latest refresh whose estimate carries one (an
+        :class:`Estimate`), see :func:`sophia.jax.sophia_g`.
       eps: added to the denominator; floored at the compute dtype's smallest
         normal number so ``0/0`` cannot happen.
       hessian_update_interval: refresh every ``k`` steps; ``None`` disables the
@@ -370,15 +467,18 @@ def scale_by_sophia(
             "or hessian_update_interval=None to refresh by hand with update_hessian)"
         )
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    warned: set[str] = set()  # the one-time warnings this transform has given
 
     def _config(sd: jnp.dtype) -> dict[str, jax.Array]:
         return {
             "b2": jnp.asarray(b2, sd),
             "rho0": jnp.asarray(rho, sd),
             "dynamic": jnp.asarray(dynamic, jnp.bool_),
-            "bs": jnp.asarray(bs, sd),
+            # With bs=None the state's bs is the refreshes' label count: not reset here.
+            **({} if bs is None else {"bs": jnp.asarray(bs, sd)}),
             "eps": jnp.asarray(eps, sd),
             "step_diagnostics": StaticFlag(bool(step_diagnostics)),
+            "bs_from_refresh": StaticFlag(bs is None),
         }
 
     def init_fn(params: optax.Params) -> ScaleBySophiaState:
@@ -393,7 +493,7 @@ def scale_by_sophia(
             win_rate=jnp.zeros([], sd),
             hessian_norm=jnp.zeros([], sd),
             momentum_norm=jnp.zeros([], sd),
-            **_config(sd),
+            **{"bs": jnp.asarray(spec.REFERENCE_BS, sd), **_config(sd)},
         )
 
     def update_fn(
@@ -412,8 +512,9 @@ def scale_by_sophia(
 
             def refresh(s: ScaleBySophiaState) -> ScaleBySophiaState:
                 key, sub = jax.random.split(s.key)
-                h_hat = estimator(params, sub, **extra_args)
-                return _ema_and_rho(s._replace(key=key), h_hat)
+                h_hat, n = _split_estimate(estimator(params, sub, **extra_args))
+                s = _ema_and_rho(s._replace(key=key), h_hat)
+                return _follow_label_count(s, n, bs, warned)
 
             due = state.count % hessian_update_interval == 0
             state = jax.lax.cond(due, refresh, lambda s: s, state)
@@ -427,7 +528,7 @@ def scale_by_sophia(
             _check_gradient(g, h)
             cd = _cd(g.dtype)
             b1c = jnp.asarray(b1, cd)
-            coef = (state.rho.astype(cd) * jnp.asarray(bs, cd), _eps(eps, cd))
+            coef = (state.rho.astype(cd) * state.bs.astype(cd), _eps(eps, cd))
             u_parts, m_parts = [], []
             for gp, mp, hp in zip(_parts(g), _parts(m), _parts(h), strict=True):
                 gc = -gp.astype(cd) if maximize else gp.astype(cd)
@@ -713,7 +814,9 @@ def _find_states(tree: Any) -> list[ScaleBySophiaState]:
     return found
 
 
-def update_hessian(opt_state: optax.OptState, h_hat: optax.Updates) -> optax.OptState:
+def update_hessian(
+    opt_state: optax.OptState, h_hat: optax.Updates | Estimate, *, label_count: Any = None
+) -> optax.OptState:
     r"""Applies a diagonal-Hessian estimate the caller computed, like torch's ``update_hessian()``.
 
     Works on the state of :func:`scale_by_sophia` or of any chain holding it:
@@ -723,9 +826,16 @@ def update_hessian(opt_state: optax.OptState, h_hat: optax.Updates) -> optax.Opt
     with ``hessian_update_interval=None`` so the built-in refresh stays off.
     Pure and jit-friendly.
 
+    With ``bs=None`` the state's ``bs`` becomes the estimate's label count:
+    ``label_count``, or that of an :class:`Estimate` (what
+    :func:`sophia.jax.gnb_with_label_count` returns). A bare estimate without a
+    count sets :data:`sophia.spec.REFERENCE_BS`, with a one-time warning.
+
     Args:
       opt_state: an optimizer state containing a :class:`ScaleBySophiaState`.
-      h_hat: the estimate, with the structure of the parameters.
+      h_hat: the estimate, with the structure of the parameters, or an
+        :class:`Estimate`.
+      label_count: the number of sampled labels behind a GNB estimate.
 
     Returns:
       ``opt_state`` with the refreshed Hessian EMA.
@@ -735,9 +845,13 @@ def update_hessian(opt_state: optax.OptState, h_hat: optax.Updates) -> optax.Opt
             "update_hessian: opt_state holds no ScaleBySophiaState; pass the state of "
             "sophia_g / sophia_h / scale_by_sophia (or of a chain containing one)"
         )
+    h_hat, n = _split_estimate(h_hat)
+    n = n if label_count is None else label_count
 
     def apply(x: Any) -> Any:
-        return _ema_and_rho(x, h_hat) if isinstance(x, ScaleBySophiaState) else x
+        if not isinstance(x, ScaleBySophiaState):
+            return x
+        return _follow_label_count(_ema_and_rho(x, h_hat), n, x.bs, _WARNED)
 
     return jax.tree.map(apply, opt_state, is_leaf=lambda x: isinstance(x, ScaleBySophiaState))
 

@@ -1,5 +1,7 @@
 """GNB and Hutchinson estimators against exact second derivatives on small models."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import sophia.jax as sj
+from sophia import spec
 
 N, D, H, V = 6, 3, 4, 5
 
@@ -171,3 +174,215 @@ def test_sophia_h_ports_optax_contrib_calls():
     assert float(obj(p_contrib)) < float(obj(jnp.zeros(3)))
     # Clipped steps of size lr: within a few lr of the minimum in every coordinate.
     np.testing.assert_allclose(np.asarray(p_ours), np.asarray(target), atol=0.15)
+
+
+MASK = jnp.array([True, False, True, True, False, True])
+
+
+def _mlp_on(x):
+    params, _ = _mlp()
+
+    def logits_fn(p):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    return params, logits_fn
+
+
+def _assert_trees_equal(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_gnb_mask_is_the_estimate_without_the_masked_out_rows():
+    """Masked-out rows are dropped: the same estimate, bit for bit, as on the kept rows alone."""
+    x = jax.random.normal(jax.random.PRNGKey(7), (N, D))
+    params, logits_fn = _mlp_on(x)
+    _, kept_fn = _mlp_on(x[MASK])
+    key = jax.random.PRNGKey(3)
+    sampled = sj.sample_labels(key, logits_fn(params))
+    got = sj.gnb(params, key, logits_fn=logits_fn, mask=MASK)
+    _assert_trees_equal(got, sj.gnb(params, key, logits_fn=kept_fn, labels=sampled[MASK]))
+    # 0/1 numbers are a mask too; forward reuse takes it the same way.
+    logits, vjp = jax.vjp(logits_fn, params)
+    _assert_trees_equal(got, sj.gnb(params, key, logits_fn=logits_fn, mask=MASK.astype(int)))
+    _assert_trees_equal(got, sj.gnb_from_vjp(logits, vjp, key, mask=MASK))
+    # It is the square of the gradient of the mean cross-entropy over the kept rows.
+    labels = jnp.arange(N) % V
+
+    def masked_loss(p):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), labels)
+        return jnp.sum(jnp.where(MASK, ce, 0.0)) / jnp.sum(MASK)
+
+    fixed = sj.gnb(params, key, logits_fn=logits_fn, labels=labels, mask=MASK)
+    for name, g in jax.grad(masked_loss)(params).items():
+        e = np.asarray(jnp.square(g))
+        np.testing.assert_allclose(np.asarray(fixed[name]), e, rtol=1e-5, atol=1e-6 * e.max())
+    assert sj.label_count(logits, MASK) == 4 and sj.label_count(logits) == N
+
+
+def test_gnb_masked_out_positions_contribute_exactly_nothing():
+    """Other logits, even NaN, at masked-out positions leave the estimate unchanged to the bit."""
+    w = jax.random.normal(jax.random.PRNGKey(1), (N, V))  # one logit row per parameter row
+    key = jax.random.PRNGKey(0)
+    base = sj.gnb({"w": w}, key, logits_fn=lambda p: p["w"], mask=MASK)
+    poisoned = w.at[~MASK].set(jnp.nan)
+    got = sj.gnb({"w": poisoned}, key, logits_fn=lambda p: p["w"], mask=MASK)
+    _assert_trees_equal(base, got)
+    assert np.all(np.asarray(got["w"])[~np.asarray(MASK)] == 0)
+    assert np.all(np.asarray(got["w"]).sum(-1)[np.asarray(MASK)] > 0)
+
+
+def test_gnb_mask_on_a_causal_language_model_batch():
+    """[batch, time] masks (padding, the shifted last position) under jit; the count is traced."""
+    b, t = 2, 4
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (b, t), 0, V)
+    params = {"emb": jax.random.normal(jax.random.PRNGKey(3), (V, V))}
+    mask = jnp.array([[True, True, True, False], [True, False, False, False]])
+
+    def logits_fn(p):
+        return p["emb"][tokens]
+
+    key = jax.random.PRNGKey(4)
+    est = jax.jit(lambda p, m: sj.gnb_with_label_count(p, key, logits_fn=logits_fn, mask=m))
+    h_hat, n = est(params, mask)
+    assert int(n) == 4
+    flat = {"emb": params["emb"]}
+    kept = tokens[mask]
+    sampled = sj.sample_labels(key, logits_fn(params))[mask]
+    ref = jax.jit(lambda p: sj.gnb(p, key, logits_fn=lambda q: q["emb"][kept], labels=sampled))
+    np.testing.assert_allclose(np.asarray(h_hat["emb"]), np.asarray(ref(flat)["emb"]), rtol=1e-6)
+    # A mask with nothing in it gives a zero estimate, not a division by zero.
+    zero, n0 = est(params, jnp.zeros((b, t), bool))
+    assert int(n0) == 0 and not np.any(np.asarray(zero["emb"]))
+
+
+def test_gnb_mask_of_the_wrong_shape_or_dtype_is_refused():
+    params, logits_fn = _mlp()
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=r"Invalid mask: shape \(5,\).*\(6,\)"):
+        sj.gnb(params, key, logits_fn=logits_fn, mask=jnp.ones(5, bool))
+    with pytest.raises(ValueError, match="Invalid mask: shape None"):
+        sj.gnb(params, key, logits_fn=logits_fn, mask=[True] * N)
+    with pytest.raises(ValueError, match="Invalid mask: dtype"):
+        sj.gnb(params, key, logits_fn=logits_fn, mask=jnp.ones(N, jax.dtypes.float0))
+
+
+def test_builtin_refresh_takes_the_mask():
+    """tx.update(..., mask=...) refreshes with the masked estimate, jitted with a traced mask."""
+    params, logits_fn = _mlp()
+    tx = sj.sophia_g(1e-2, bs=4, hessian_update_interval=2, seed=5)
+    g = jax.tree.map(jnp.ones_like, params)
+    step = jax.jit(lambda s, m: tx.update(g, s, params, logits_fn=logits_fn, mask=m))
+    s, key = tx.init(params), jax.random.PRNGKey(5)
+    for t in range(3):
+        h_before = s[0].hessian
+        _, s = step(s, MASK)
+        if t % 2 == 0:  # refreshes at the start of steps 0 and 2
+            key, sub = jax.random.split(key)
+            h_hat = sj.gnb(params, sub, logits_fn=logits_fn, mask=MASK)
+            unmasked = sj.gnb(params, sub, logits_fn=logits_fn)
+            want = jax.tree.map(lambda h, e: 0.99 * h + 0.01 * e, h_before, h_hat)
+            for name in params:
+                got, w = np.asarray(s[0].hessian[name]), np.asarray(want[name])
+                # Jitted whole against op by op: within FMA rounding, not bit for bit.
+                np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6 * w.max())
+                assert not np.allclose(got, 0.99 * h_before[name] + 0.01 * unmasked[name])
+        else:
+            _assert_trees_equal(s[0].hessian, h_before)
+
+
+def _run(tx, params, logits_fn, steps, jit=True, **extra):
+    g = jax.tree.map(jnp.ones_like, params)
+
+    def upd(s, **kw):
+        return tx.update(g, s, params, logits_fn=logits_fn, **kw)
+
+    upd = jax.jit(upd) if jit else upd
+    s, out = tx.init(params), []
+    for _ in range(steps):
+        u, s = upd(s, **extra)
+        out.append((u, s))
+    return out
+
+
+def test_bs_none_follows_the_label_count_of_each_refresh(recwarn):
+    """bs=None: the state's bs is the refresh's label count, and the run is that of bs=N."""
+    params, logits_fn = _mlp()
+    follow = _run(sj.sophia_g(1e-2, hessian_update_interval=2), params, logits_fn, 3)
+    fixed = _run(sj.sophia_g(1e-2, bs=N, hessian_update_interval=2), params, logits_fn, 3)
+    for (u, s), (uf, sf) in zip(follow, fixed):
+        assert float(s[0].bs) == N and bool(s[0].bs_from_refresh)
+        _assert_trees_equal((u, s[0].hessian, s[0].mu), (uf, sf[0].hessian, sf[0].mu))
+    # A refresh on part of the batch counts only its labels.
+    _, part_fn = _mlp_on(jax.random.normal(jax.random.PRNGKey(0), (N, D))[:2])
+    ((_, s),) = _run(sj.sophia_g(1e-2), params, part_fn, 1)
+    assert float(s[0].bs) == 2
+    assert not [w for w in recwarn if "bs" in str(w.message)]
+
+
+def test_bs_none_follows_a_traced_mask_and_keeps_the_last_count_on_an_empty_one():
+    params, logits_fn = _mlp()
+    tx = sj.sophia_g(1e-2, hessian_update_interval=1)
+    g = jax.tree.map(jnp.ones_like, params)
+    step = jax.jit(lambda s, m: tx.update(g, s, params, logits_fn=logits_fn, mask=m))
+    _, s = step(tx.init(params), MASK)
+    assert float(s[0].bs) == 4
+    _, s = step(s, jnp.zeros(N, bool))  # nothing counted: the estimate is 0, bs stays
+    assert float(s[0].bs) == 4
+    # The same run as bs=4 given by hand.
+    fixed = _run(sj.sophia_g(1e-2, bs=4, hessian_update_interval=1), params, logits_fn, 1,
+                 mask=MASK)  # fmt: skip
+    _, s1 = step(tx.init(params), MASK)
+    _assert_trees_equal(s1[0].hessian, fixed[0][1][0].hessian)
+
+
+def test_update_hessian_with_bs_none_takes_a_label_count_or_warns_once(monkeypatch):
+    from sophia.jax import transform
+
+    monkeypatch.setattr(transform, "_WARNED", set())
+    params, logits_fn = _mlp()
+    tx = sj.sophia_g(1e-2, hessian_update_interval=None)
+    s = tx.init(params)
+    key = jax.random.PRNGKey(0)
+    est = sj.gnb_with_label_count(params, key, logits_fn=logits_fn, mask=MASK)
+    assert int(est.label_count) == 4
+    assert float(sj.update_hessian(s, est)[0].bs) == 4
+    assert float(sj.update_hessian(s, est.h_hat, label_count=3)[0].bs) == 3
+    with pytest.warns(UserWarning, match=r"bs=None .* bs=5120 .*pass bs="):
+        s2 = sj.update_hessian(s, est.h_hat)
+    assert float(s2[0].bs) == spec.REFERENCE_BS
+    _assert_trees_equal(s2[0].hessian, sj.update_hessian(s, est)[0].hessian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sj.update_hessian(s, est.h_hat)  # once
+
+
+def test_a_numeric_bs_that_differs_from_the_refresh_count_warns_once_naming_both():
+    params, logits_fn = _mlp()
+    g = jax.tree.map(jnp.ones_like, params)
+    tx = sj.sophia_g(1e-2, bs=5120, hessian_update_interval=1)
+    with pytest.warns(UserWarning, match=rf"bs=5120 but the GNB refresh saw {N} labels"):
+        _, s = tx.update(g, tx.init(params), params, logits_fn=logits_fn)
+    assert float(s[0].bs) == 5120  # warned, not overridden
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tx.update(g, s, params, logits_fn=logits_fn)
+        ok = sj.sophia_g(1e-2, bs=4, hessian_update_interval=1)
+        _run(ok, params, logits_fn, 1, mask=MASK)
+        jax.effects_barrier()
+    # A traced count (a mask under jit) is checked on the device.
+    tx = sj.sophia_g(1e-2, bs=N, hessian_update_interval=1)
+    with pytest.warns(UserWarning, match=rf"bs={N} but the GNB refresh saw 4 labels"):
+        _run(tx, params, logits_fn, 1, mask=MASK)
+        jax.effects_barrier()
+
+
+def test_sophia_h_keeps_bs_one_and_inject_hyperparams_takes_bs_none():
+    params, logits_fn = _mlp()
+    g = jax.tree.map(jnp.ones_like, params)
+    h = sj.sophia_h(1e-2, hessian_update_interval=1)
+    _, s = h.update(g, h.init(params), params, obj_fn=lambda p: jnp.sum(logits_fn(p) ** 2))
+    assert float(s[0].bs) == 1 and not s[0].bs_from_refresh
+    tx = optax.inject_hyperparams(sj.sophia_g)(learning_rate=1e-2, hessian_update_interval=1)
+    ((_, s),) = _run(tx, params, logits_fn, 1, mask=MASK)
+    assert float(s.inner_state[0].bs) == 4
