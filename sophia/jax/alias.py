@@ -1,7 +1,8 @@
 """Ready-made SophiaG and Sophia-H optimizers, chained as optax's own aliases are."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax (its contrib test suite, and
+# code that inspects an optimizer's signature) checks that ``learning_rate`` is
+# annotated with the object optax.ScalarOrSchedule, not a string naming it.
 import functools
 from collections.abc import Callable
 from typing import Any

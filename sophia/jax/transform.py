@@ -517,7 +517,13 @@ def scale_by_sophia(
                 return _follow_label_count(s, n, bs, warned)
 
             due = state.count % hessian_update_interval == 0
-            state = jax.lax.cond(due, refresh, lambda s: s, state)
+            if isinstance(due, jax.core.Tracer):
+                state = jax.lax.cond(due, refresh, lambda s: s, state)
+            elif due:
+                # Op by op the step is known: a Python branch runs the refresh op by op
+                # too (lax.cond would compile it anew at every call, over a second
+                # each, and contract its arithmetic into FMAs as jit does).
+                state = refresh(state)
 
         sd = state.rho.dtype
         flat_g, treedef = jax.tree.flatten(updates)
