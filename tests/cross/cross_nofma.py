@@ -8,7 +8,7 @@ starts it (the flag must be set before JAX initialises its CPU backend).
 import json
 import sys
 
-from crossref import JaxDriver, Reference, tree_ulp
+from crossref import JaxDriver, ParamDtypeReference, tree_ulp
 from problems import case
 
 
@@ -29,7 +29,7 @@ def main(names):
     for name in names:
         builtin = name.endswith(":builtin")  # the transform's own refresh (lax.cond)
         prob, groups, steps, k = case(name.split(":")[0])
-        ref = trace(Reference(prob.params0, groups), prob, steps, k)
+        ref = trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)  # see crossref
         # the jitted refresh is measured where dynamic rho makes it differ (see the test)
         dynamic = any(g["dynamic"] for g in groups)
         for jit_refresh in (True,) if builtin else (False, True) if dynamic else (False,):

@@ -459,3 +459,55 @@ class RealViewReference(Reference):
 
     def hessian(self):
         return self._complex(self.h)
+
+
+# ----------------------------------------------------------------------------- low precision
+
+
+def _bits(x):
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def through_param_dtype_update(theta, new):
+    """What ``optax.apply_updates`` makes of sophia.jax's update of ``theta``'s dtype.
+
+    ``new`` is the spec's single rounding of ``theta - lr*u``. For bfloat16 and
+    float16 the JAX update is ``d`` of that dtype (``sophia.jax.to_param_dtype``):
+    ``round(new - theta)``, a zero of ``new``'s sign where ``new == theta``, or
+    its neighbour towards ``new`` where that misses; ``theta + d`` is ``new``
+    wherever any ``d`` of the dtype reaches it (docs/spec.md). Other dtypes: ``new``.
+    """
+    theta, new = np.asarray(theta), np.asarray(new)
+    if theta.dtype.itemsize != 2:
+        return new
+    dt, w = theta.dtype, np.float32
+    with np.errstate(all="ignore"):
+        pw, nw = theta.astype(w), new.astype(w)
+        d0 = np.where(nw == pw, np.copysign(w(0), nw), nw - pw).astype(dt)
+        r0 = (pw + d0.astype(w)).astype(dt)
+        d1 = np.nextafter(d0, np.where(r0.astype(w) < nw, w(np.inf), w(-np.inf)).astype(dt))
+        r1 = (pw + d1.astype(w)).astype(dt)
+    hit0 = (_bits(r0) == _bits(new)) | np.isnan(nw)
+    hit1 = _bits(r1) == _bits(new)
+    return np.where(hit0 | ~hit1, r0, r1).astype(dt)
+
+
+class ParamDtypeReference(Reference):
+    """The spec's reference, its new parameters taken through JAX's update of their dtype.
+
+    What op-by-op ``sophia.jax`` with ``optax.apply_updates`` must match bit for
+    bit for bfloat16/float16 parameters (the plain :class:`Reference` for others).
+    ``misses`` counts the coordinates where that differs from the spec.
+    """
+
+    name = "numpy-param-dtype"
+    misses = 0
+
+    def step(self, grads):
+        old = dict(self.p)
+        super().step(grads)
+        for n, t in old.items():
+            out = through_param_dtype_update(t, self.p[n])
+            self.misses += int(np.count_nonzero(_bits(out) != _bits(self.p[n])))
+            self.p[n] = out

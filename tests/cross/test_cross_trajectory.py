@@ -15,6 +15,7 @@ import problems
 import pytest
 from crossref import (
     JaxDriver,
+    ParamDtypeReference,
     Reference,
     TorchDriver,
     rel_diff,
@@ -45,7 +46,12 @@ OP_BY_OP_STEPS = 100
 @pytest.mark.parametrize("case", CASES)
 def test_long_run_trajectories_are_identical(case, cross_report):
     prob, groups, steps, k = problems.case(case)
-    ref = _trace(Reference(prob.params0, groups), prob, steps, k)
+    ref = torch_ref = _trace(Reference(prob.params0, groups), prob, steps, k)
+    # sophia.jax returns bfloat16 updates for bfloat16 parameters: JAX is held to the spec
+    # taken through that update (the spec's value wherever an update can reach it)
+    jax_ref = ref
+    if any(v.dtype.itemsize == 2 for v in prob.params0.values()):
+        jax_ref = _trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)
     drivers = {"jax": JaxDriver(prob.params0, groups)}
     for mode in ("loop", "foreach", "fused"):
         drivers[f"torch-{mode}"] = TorchDriver(prob.params0, groups, mode)
@@ -57,6 +63,7 @@ def test_long_run_trajectories_are_identical(case, cross_report):
     assert loss_ref < prob.loss(prob.params0) or groups[0]["maximize"]
     for name, d in drivers.items():
         n = min(OP_BY_OP_STEPS, steps) if name == "jax" else steps
+        ref = jax_ref if name.startswith("jax") else torch_ref
         snaps, rates, rhos = _trace(d, prob, n, k)
         ulps = [max(tree_ulp(a, b) for a, b in zip(s, r)) for s, r in zip(snaps, ref[0])]
         rels = [tree_rel(s[0], r[0]) for s, r in zip(snaps, ref[0])]

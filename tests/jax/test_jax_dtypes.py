@@ -283,9 +283,12 @@ def test_bit_identical_low_precision_step_through_apply_updates(dtype, jit):
     tx = _tx()
     params, state = _with_state(tx, leaves)
     grads = [jnp.asarray(g) for _, g, _, _ in leaves]
-    update = jax.jit(tx.update) if jit else tx.update
-    u, state = update(grads, state, params)
-    new_p = optax.apply_updates(params, u)
+
+    def step(p, s, g):  # jitted as one computation: XLA sees the update and its application
+        u, s = tx.update(g, s, p)
+        return u, optax.apply_updates(p, u)
+
+    u, new_p = (jax.jit(step) if jit else step)(params, state, grads)
     for (t, g, m, h), ui, p in zip(leaves, u, new_p):
         assert ui.dtype == dtype
         t_ref, _, _ = spec.sophia_update(t, g, m, h, **HP)

@@ -156,6 +156,7 @@ def test_low_precision_params_follow_float32_math(dtype, jit):
     params, state = _set_state(tx, leaves)
     grads = [jnp.asarray(g) for _, g, _, _ in leaves]
     u, state = (jax.jit(tx.update) if jit else tx.update)(grads, state, params)
+    assert all(x.dtype == dtype for x in u)  # optax's contract: updates in the params' dtype
     new_p = optax.apply_updates(params, u)
     ref, _ = reference_step(leaves, **dict(HP, eps=0.0))
     _check(ref, leaves, new_p, state[0].mu, exact=True)
@@ -368,8 +369,9 @@ def test_diagnostics_on_a_chain_state():
 @pytest.mark.skipif(STRICT, reason="this is the subprocess that the test starts")
 def test_jit_is_bit_identical_when_fma_contraction_is_off():
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX")
+    dtypes_tests = os.path.join(os.path.dirname(__file__), "test_jax_dtypes.py")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, dtypes_tests,
          "-k", "bit_identical or trajectory or low_precision"],
         capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__),
     )  # fmt: skip
