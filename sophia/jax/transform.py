@@ -742,10 +742,13 @@ def to_param_dtype() -> optax.GradientTransformation:
     ``new - p`` rounded to ``p``'s dtype (exact when ``new`` and ``p`` are within
     a factor 2 of each other, by Sterbenz's lemma, so ``p + d`` gives ``new``
     back), or, where that rounding loses the target, its neighbour one ulp
-    towards it. Where no ``d`` reaches ``new`` (a step larger than about
-    ``|p|`` that lands on a value ``p``'s grid cannot hit, or ``new = -0`` from
-    ``p != -0``), ``apply_updates`` gives the value next to ``new``;
-    docs/spec.md lists these cases and the tests measure them.
+    towards it. Where no ``d`` reaches ``new`` (a step larger than ``|p| / 2``
+    that lands between the sums ``p + d`` can give, or ``new = -0`` from
+    ``p != -0``), ``apply_updates`` gives a value within one ulp of
+    ``max(|p|, |new|)``; docs/spec.md lists these cases and the tests measure
+    them. Chain without this transform to keep the float32 updates (and
+    ``apply_updates``'s single rounding) where bit-identity matters more than
+    the dtype contract.
 
     Updates whose dtype is the parameters' (float32, float64, complex) or
     narrower pass through, cast to it. Complex leaves are handled part by part.
