@@ -621,13 +621,14 @@ def test_the_expected_result_is_said_under_the_table_and_in_the_plot(behind, tmp
 class _Demo:
     """``python -m sophia.demo`` in its own process group, its output collected as it comes."""
 
-    def __init__(self, args, cwd):
+    def __init__(self, args, cwd, **env):
         # JAX_LOG_COMPILES: jax says when a compilation starts and ends, so the test can aim
         env = {
             **os.environ,
             "JAX_PLATFORMS": "cpu",
             "PYTHONFAULTHANDLER": "1",
             "JAX_LOG_COMPILES": "1",
+            **env,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sophia.demo", *args],
@@ -676,15 +677,16 @@ def test_ctrl_c_ends_cleanly_at_any_moment(moment, tmp_path):
     the interpreter's shutdown then pulls the rug from under.
     """
     args = ["--preset", "tiny", "--steps", "100000", "--n-layer", "1", "--out", str(tmp_path)]
-    demo = _Demo(args, tmp_path)
+    # at once: python -v lists the imports, so the test can aim at the demo's own
+    demo = _Demo(args, tmp_path, **({"PYTHONVERBOSE": "1"} if moment == "at once" else {}))
     if moment == "first compile":  # inside XLA's compilation of the training step
         demo.wait_for("Finished jaxpr to MLIR module conversion jit(train_step)")
         time.sleep(0.1)
     elif moment == "training":
         demo.wait_for("Finished XLA compilation of jit(train_step)")
         time.sleep(1.0)
-    else:  # the imports
-        time.sleep(1.0)
+    else:  # the demo's first imports, before jax's
+        demo.wait_for("import 'sophia.demo.data'")  # by sophia.demo.train
     code = demo.interrupt()
     out = demo.output
     assert code == 130, f"exit status {code}:\n{out}"
