@@ -31,7 +31,10 @@ _GNB_INPUTS = (
     "sophia_g needs the model's logits on a Hessian refresh step: pass "
     "update(grads, state, params, logits_fn=lambda p: model(p, x)) (logits_fn(params) -> "
     "logits[..., vocab]), or reuse the training forward with "
-    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp)"
+    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp). "
+    "With Flax: flax.training.train_state.TrainState.apply_gradients does not pass "
+    "logits_fn on to tx.update (sophia.integrations.flax.TrainState does); with NNX, "
+    "optimizer.update(model, grads, logits_fn=sophia.integrations.flax.logits_fn(model, x))"
 )
 
 
