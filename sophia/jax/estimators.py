@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jax_core
 
 from sophia import spec
 from sophia.jax.transform import Estimate
@@ -31,11 +32,60 @@ _GNB_INPUTS = (
     "sophia_g needs the model's logits on a Hessian refresh step: pass "
     "update(grads, state, params, logits_fn=lambda p: model(p, x)) (logits_fn(params) -> "
     "logits[..., vocab]), or reuse the training forward with "
-    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp). "
-    "With Flax: flax.training.train_state.TrainState.apply_gradients does not pass "
-    "logits_fn on to tx.update (sophia.integrations.flax.TrainState does); with NNX, "
-    "optimizer.update(model, grads, logits_fn=sophia.integrations.flax.logits_fn(model, x))"
+    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp)"
 )
+
+
+_NO_DEPENDENCE = (
+    "Invalid {name}: the {what} not depend on the parameters it is given, so every "
+    "{est} estimate is exactly zero and h (hessian_norm) stays 0: "
+    "SophiaG would never see any curvature. {name} must compute from its argument: "
+    "{fix}, not a function that ignores it such as {wrong} (a model that holds its own "
+    "weights). With Flax NNX: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
+    "then {nnx}."
+)
+_GNB_MISUSE = {
+    "name": "logits_fn",
+    "what": "logits it computes do",
+    "est": "GNB",
+    "fix": "logits_fn=lambda p: model(p, x) (and for logits_vjp=, "
+    "logits, vjp = jax.vjp(lambda p: model(p, x), params))",
+    "wrong": "lambda p: model(x)",
+    "nnx": "logits_fn=lambda p: nnx.merge(graphdef, p, rest)(x)",
+}
+_HUTCHINSON_MISUSE = {
+    "name": "obj_fn",
+    "what": "loss it computes does",
+    "est": "Hutchinson",
+    "fix": "obj_fn=lambda p: loss(p, batch)",
+    "wrong": "lambda p: loss(batch)",
+    "nnx": "obj_fn=lambda p: loss(nnx.merge(graphdef, p, rest), batch)",
+}
+
+
+def _ignores_input(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``fn(*args)`` has outputs and none of them is computed from ``args``.
+
+    Read off ``fn``'s jaxpr: a trace, nothing runs, and under ``jit`` nothing is
+    added to the compiled program. Conservative: every output of an operation
+    that takes a dependent operand counts as dependent, and so do its other
+    operands (a mutable reference written with a dependent value).
+    """
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    live = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if not isinstance(v, jax_core.Literal)]
+        if any(v in live for v in ins):
+            live.update(eqn.outvars)
+            live.update(ins)
+    outs = jaxpr.outvars
+    return bool(outs) and not any(not isinstance(v, jax_core.Literal) and v in live for v in outs)
+
+
+def _require_dependence(fn: Callable[..., Any], arg: Any, misuse: dict[str, str]) -> None:
+    """Raises the misuse's error if ``fn(arg)`` is computed without ``arg`` (see above)."""
+    if _ignores_input(fn, arg):
+        raise ValueError(_NO_DEPENDENCE.format(**misuse))
 
 
 def sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -160,6 +210,11 @@ def gnb_from_vjp(
 
     Returns:
       ``h_hat``, with the structure of the parameters.
+
+    Raises:
+      ValueError: the logits do not depend on the parameters (``jax.vjp`` of a
+        function that ignores its argument), which would make every estimate
+        zero; found from the trace of ``logits_vjp``, at no run-time cost.
     """
     return _gnb_from_vjp(logits, logits_vjp, key, labels, axis_name, mask)[0]
 
@@ -189,7 +244,10 @@ def _gnb_from_vjp(
     # Sampled at every position (shapes are static under jit); the labels at masked-in
     # positions depend only on their own rows' logits, and the others are discarded.
     y = sample_labels(key, logits) if labels is None else labels
-    (g_hat,) = logits_vjp(_residual(jax.lax.stop_gradient(logits), y, n, mask))
+    residual = _residual(jax.lax.stop_gradient(logits), y, n, mask)
+    # The VJP is linear in the residual: if no output depends on it, it is zero.
+    _require_dependence(logits_vjp, residual, _GNB_MISUSE)
+    (g_hat,) = logits_vjp(residual)
     if axis_name is not None:
         g_hat = _axis_mean(g_hat, axis_name)
     return jax.tree.map(_square, g_hat), n_labels
@@ -235,6 +293,11 @@ def gnb(
 
     Returns:
       ``h_hat``, with the structure of ``params``.
+
+    Raises:
+      ValueError: no ``logits_fn`` or ``logits``/``logits_vjp`` was given, or the
+        logits do not depend on ``params`` (e.g. ``lambda p: model(x)``), which
+        would make every estimate zero.
     """
     return _gnb(
         params,
@@ -333,12 +396,17 @@ def hutchinson(
 
     Returns:
       ``h_hat``, with the structure of ``params``.
+
+    Raises:
+      ValueError: no ``obj_fn`` was given, or the loss does not depend on
+        ``params``, which would make every estimate zero.
     """
     if obj_fn is None:
         raise ValueError(
             "sophia_h needs the loss on a Hessian refresh step: pass "
             "update(grads, state, params, obj_fn=lambda p: loss(p, batch))"
         )
+    _require_dependence(obj_fn, params, _HUTCHINSON_MISUSE)
     v = _rademacher_like(key, params)
     _, hv = jax.jvp(jax.grad(obj_fn), (params,), (v,))
     if axis_name is not None:

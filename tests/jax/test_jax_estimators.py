@@ -386,3 +386,128 @@ def test_sophia_h_keeps_bs_one_and_inject_hyperparams_takes_bs_none():
     tx = optax.inject_hyperparams(sj.sophia_g)(learning_rate=1e-2, hessian_update_interval=1)
     ((_, s),) = _run(tx, params, logits_fn, 1, mask=MASK)
     assert float(s.inner_state[0].bs) == 4
+
+
+def _ignoring(params):
+    """A logits_fn that reads the weights it closed over, not its argument (the NNX trap)."""
+    x = jax.random.normal(jax.random.PRNGKey(7), (N, D))
+    frozen = jax.tree.map(jnp.copy, params)
+    _, logits_fn = _mlp_on(x)
+    return lambda p: logits_fn(frozen)
+
+
+def test_a_logits_fn_that_ignores_its_parameters_is_refused():
+    """Every GNB estimate would be zero and h would stay 0 forever: an error naming the fix."""
+    params, _ = _mlp()
+    bad = _ignoring(params)
+    key = jax.random.PRNGKey(0)
+    g = jax.tree.map(jnp.ones_like, params)
+    tx = sj.sophia_g(1e-2, hessian_update_interval=2)
+    logits, vjp = jax.vjp(bad, params)
+    calls = {
+        "gnb": lambda: sj.gnb(params, key, logits_fn=bad),
+        "gnb jitted": lambda: jax.jit(lambda p: sj.gnb(p, key, logits_fn=bad))(params),
+        "forward reuse": lambda: sj.gnb_from_vjp(logits, vjp, key),
+        "refresh op by op": lambda: tx.update(g, tx.init(params), params, logits_fn=bad),
+        "refresh jitted (lax.cond)": lambda: jax.jit(
+            lambda s: tx.update(g, s, params, logits=logits, logits_vjp=vjp)
+        )(tx.init(params)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"Invalid logits_fn: .*do not depend") as e:
+            call()
+        assert "lambda p: model(p, x)" in str(e.value) and "nnx.merge" in str(e.value), name
+
+
+def test_a_logits_fn_that_uses_only_some_parameters_is_accepted():
+    """A leaf the logits do not use (a frozen or unused parameter) simply gets a zero estimate."""
+    params, _ = _mlp()
+    x = jax.random.normal(jax.random.PRNGKey(7), (N, D))
+    w1 = params["w1"]
+
+    def some(p):
+        return jnp.tanh(x @ w1 + p["b1"]) @ p["w2"]
+
+    h_hat = sj.gnb(params, jax.random.PRNGKey(0), logits_fn=some)
+    assert not np.any(np.asarray(h_hat["w1"])) and np.all(np.asarray(h_hat["w2"]) > 0)
+
+
+def test_an_obj_fn_that_ignores_its_parameters_is_refused():
+    params, logits_fn = _mlp()
+    g = jax.tree.map(jnp.ones_like, params)
+    tx = sj.sophia_h(1e-2, hessian_update_interval=1)
+    with pytest.raises(ValueError, match=r"Invalid obj_fn: .*does not depend.*loss\(p, batch\)"):
+        tx.update(g, tx.init(params), params, obj_fn=lambda p: jnp.sum(logits_fn(params) ** 2))
+    # A loss linear in the parameters has a zero Hessian but does depend on them.
+    h_hat = sj.hutchinson(params, jax.random.PRNGKey(0), obj_fn=lambda p: jnp.sum(p["w2"]))
+    assert not np.any(np.asarray(h_hat["w2"]))
+
+
+def test_the_dependence_check_changes_nothing_in_the_computation(monkeypatch):
+    """It only reads a trace: the same jitted program, the same op-by-op results, to the bit."""
+    from sophia.jax import estimators
+
+    params, logits_fn = _mlp()
+    g = jax.tree.map(jnp.ones_like, params)
+    gnb_tx = sj.sophia_g(1e-2, hessian_update_interval=2)
+    h_tx = sj.sophia_h(1e-2, hessian_update_interval=2)
+
+    def obj(p):
+        return jnp.sum(logits_fn(p) ** 2)
+
+    def run():
+        programs = [
+            str(jax.make_jaxpr(lambda s: gnb_tx.update(g, s, params, logits_fn=logits_fn))(
+                gnb_tx.init(params))),
+            str(jax.make_jaxpr(lambda s: h_tx.update(g, s, params, obj_fn=obj))(
+                h_tx.init(params))),
+        ]  # fmt: skip
+        eager = [
+            gnb_tx.update(g, gnb_tx.init(params), params, logits_fn=logits_fn),
+            h_tx.update(g, h_tx.init(params), params, obj_fn=obj),
+        ]
+        return programs, eager
+
+    checked_programs, checked = run()
+    monkeypatch.setattr(estimators, "_ignores_input", lambda *a: False)
+    plain_programs, plain = run()
+    assert checked_programs == plain_programs
+    _assert_trees_equal(checked, plain)
+    assert float(checked[0][1][0].hessian_norm) > 0 and float(checked[1][1][0].hessian_norm) > 0
+
+
+def test_flax_nnx_model_that_ignores_the_parameters_is_refused_and_nnx_merge_works():
+    """`lambda p: model(x)` with an NNX module (it holds its own weights) is the natural mistake."""
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.PRNGKey(7), (N, D))
+    y = jnp.arange(N) % V
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.linear = nnx.Linear(D, V, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    @nnx.jit(static_argnums=2)
+    def step(model, opt, merge):
+        grads = nnx.grad(loss)(model)
+        if merge:
+            graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+            opt.update(model, grads, logits_fn=lambda p: nnx.merge(graphdef, p, rest)(x))
+        else:
+            opt.update(model, grads, logits_fn=lambda p: model(x))
+
+    model = Tiny(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, sj.sophia_g(1e-2, hessian_update_interval=1), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"Invalid logits_fn: .*nnx\.merge"):
+        opt.update(model, nnx.grad(loss)(model), logits_fn=lambda p: model(x))
+    with pytest.raises(ValueError, match=r"Invalid logits_fn: .*nnx\.merge"):
+        step(model, opt, False)
+    step(model, opt, True)
+    d = sj.diagnostics(opt.opt_state)
+    assert int(d["count"][...]) == 1 and float(d["hessian_norm"][...]) > 0
