@@ -252,5 +252,5 @@ def test_shape_lists():
     per_layer = 2 * d * d + 2 * kv * d + 3 * ffn * d + 2 * d
     assert sum(math.prod(s) for s in llama.values()) == 2 * vocab * d + layers * per_layer + d
     small = gc.shape_lists(smoke=True)
-    assert len(small["gpt2-small"]) == 2 + 2 * 12 + 2 and len(small["tinyllama-1.1b"]) == 2 * 9 + 3
-    assert small["tinyllama-1.1b"]["layers.1.mlp.down_proj"] == (64, 176)
+    assert len(small["gpt2-small"]) == 2 + 12 + 2 and len(small["tinyllama-1.1b"]) == 9 + 3
+    assert small["tinyllama-1.1b"]["layers.0.mlp.down_proj"] == (64, 176)
