@@ -202,12 +202,62 @@ def _check_lightning_trainer(ns: dict[str, Any]) -> None:
     assert all(float(opt.state[p]["hessian"].sum()) > 0 for p in ns["lit_model"].parameters())
 
 
+def _flax_batch() -> dict[str, Any]:
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)))
+    return {"x": x, "y": jnp.roll(x, -1, axis=1)}
+
+
+def _flax_nnx() -> dict[str, Any]:
+    # an nnx bigram model: model(x) -> [batch, seq, vocab] logits; the last position masked
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Bigram(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.embed = nnx.Embed(VOCAB, 8, rngs=rngs)
+            self.head = nnx.Linear(8, VOCAB, rngs=rngs)
+
+        def __call__(self, x: Any) -> Any:
+            return self.head(self.embed(x))
+
+    mask = jnp.broadcast_to(jnp.arange(SEQ) < SEQ - 1, (BATCH, SEQ))
+    return {"model": Bigram(nnx.Rngs(0)), "mask": mask, **_flax_batch()}
+
+
+def _check_flax_nnx(ns: dict[str, Any]) -> None:
+    stats = ns["stats"]
+    # step 0 refreshed the Hessian from the model, on the masked-in positions only
+    assert float(stats["hessian_norm"]) > 0 and int(stats["count"]) == 1
+    assert float(ns["optimizer"].opt_state[0].bs[...]) == BATCH * (SEQ - 1)
+
+
+def _flax_linen() -> dict[str, Any]:
+    import flax.linen as nn
+    import jax
+
+    module = nn.Embed(VOCAB, VOCAB)
+    batch = _flax_batch()
+    params = module.init(jax.random.PRNGKey(0), batch["x"])["params"]
+    return {"apply_fn": module.apply, "params": params, **batch}
+
+
+def _check_flax_linen(ns: dict[str, Any]) -> None:
+    from sophia.integrations import flax as sflax
+
+    assert int(ns["state"].step) == 1
+    assert float(sflax.diagnostics(ns["state"])["hessian_norm"]) > 0
+
+
 #: Per block: the names the README leaves to the reader, tiny.
 GIVEN: dict[str, Callable[[], dict[str, Any]]] = {
     "Quick start: JAX": _jax_quick_start,
     "Quick start: PyTorch": _torch_quick_start,
     "Hugging Face Transformers": _hf_trainer,
     "Lightning": _lightning_trainer,
+    "Flax": _flax_nnx,
+    "Flax [2]": _flax_linen,
 }
 #: Per block: what to run after it, on its namespace, so that what it defines is used.
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -215,6 +265,8 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "Quick start: PyTorch": _check_torch_quick_start,
     "Hugging Face Transformers": _check_hf_trainer,
     "Lightning": _check_lightning_trainer,
+    "Flax": _check_flax_nnx,
+    "Flax [2]": _check_flax_linen,
 }
 
 BLOCKS = python_blocks(README.read_text())

@@ -32,7 +32,10 @@ _GNB_INPUTS = (
     "sophia_g needs the model's logits on a Hessian refresh step: pass "
     "update(grads, state, params, logits_fn=lambda p: model(p, x)) (logits_fn(params) -> "
     "logits[..., vocab]), or reuse the training forward with "
-    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp)"
+    "logits, vjp = jax.vjp(logits_fn, params); update(..., logits=logits, logits_vjp=vjp). "
+    "With Flax: flax.training.train_state.TrainState.apply_gradients does not pass "
+    "logits_fn on to tx.update (sophia.integrations.flax.TrainState does); with NNX, "
+    "optimizer.update(model, grads, logits_fn=sophia.integrations.flax.logits_fn(model, x))"
 )
 
 
@@ -51,7 +54,8 @@ _GNB_MISUSE = {
     "fix": "logits_fn=lambda p: model(p, x) (and for logits_vjp=, "
     "logits, vjp = jax.vjp(lambda p: model(p, x), params))",
     "wrong": "lambda p: model(x)",
-    "nnx": "logits_fn=lambda p: nnx.merge(graphdef, p, rest)(x)",
+    "nnx": "logits_fn=lambda p: nnx.merge(graphdef, p, rest)(x), which "
+    "sophia.integrations.flax.logits_fn(model, x) builds for you",
 }
 _HUTCHINSON_MISUSE = {
     "name": "obj_fn",

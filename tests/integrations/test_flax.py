@@ -135,6 +135,9 @@ def test_nnx_traps_give_clear_errors():
         sflax.logits_fn(lambda x: x, X)
     with pytest.raises(ValueError, match=r"sophia\.integrations\.flax\.logits_fn\(model, x\)"):
         optimizer.update(model, grads)
+    # The natural first try reads the model's own weights, not the ones it is given.
+    with pytest.raises(ValueError, match=r"sophia\.integrations\.flax\.logits_fn\(model, x\)"):
+        optimizer.update(model, grads, logits_fn=lambda p: model(X))
 
 
 # --------------------------------------------------------------------------- linen
