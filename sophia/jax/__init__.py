@@ -23,6 +23,7 @@ from sophia.jax.estimators import (
 from sophia.jax.transform import (
     Estimate,
     Estimator,
+    LabelCountWarning,
     ScaleBySophiaState,
     StaticFlag,
     add_decayed_weights,
@@ -37,6 +38,7 @@ from sophia.jax.transform import (
 __all__ = [
     "Estimate",
     "Estimator",
+    "LabelCountWarning",
     "ScaleBySophiaState",
     "StaticFlag",
     "add_decayed_weights",

@@ -21,6 +21,7 @@ from sophia import spec
 __all__ = [
     "Estimate",
     "Estimator",
+    "LabelCountWarning",
     "ScaleBySophiaState",
     "StaticFlag",
     "add_decayed_weights",
@@ -64,6 +65,14 @@ class Estimate(NamedTuple):
 
     h_hat: optax.Updates
     label_count: Any
+
+
+class LabelCountWarning(UserWarning):
+    """``bs`` does not match the number of labels behind the Hessian estimate.
+
+    The same name as :class:`sophia.torch.LabelCountWarning`, so that one filter
+    reads alike in both frameworks.
+    """
 
 
 class ScaleBySophiaState(NamedTuple):
@@ -317,10 +326,12 @@ def _split_estimate(h_hat: Any) -> tuple[optax.Updates, Any]:
 _WARNED: set[str] = set()
 
 
-def _warn_once(warned: set[str], key: str, message: str) -> None:
+def _warn_once(
+    warned: set[str], key: str, message: str, category: type[Warning] = UserWarning
+) -> None:
     if key not in warned:
         warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warnings.warn(message, category, stacklevel=4)
 
 
 def _follow_label_count(
@@ -329,12 +340,12 @@ def _follow_label_count(
     """After a refresh with label count ``n`` (``None``: unknown), the ``bs`` in force.
 
     Runs after :func:`_ema_and_rho`, whose catch-up diagnostics need the ``bs`` of
-    the step before. With ``bs=None`` the state takes ``n``, or
-    :data:`sophia.spec.REFERENCE_BS` with a one-time warning where the estimate
-    carries no count; a refresh with no labels (an all-False mask) keeps the
-    previous ``bs``. A numeric ``bs`` that differs from ``n`` gets a one-time
-    warning naming both (at trace time where both are known then, else from the
-    device through :func:`jax.debug.callback`).
+    the step before. With ``bs=None`` the state takes ``n``; an estimate with no
+    count keeps the latest count (:data:`sophia.spec.REFERENCE_BS` if there was
+    none), with a one-time warning, and a refresh with no labels (an all-False
+    mask) keeps it too, as torch's ``SophiaG`` does. A numeric ``bs`` that differs
+    from ``n`` gets a one-time warning naming both (at trace time where both are
+    known then, else from the device through :func:`jax.debug.callback`).
     """
     sd = state.rho.dtype
     if not state.bs_from_refresh:
@@ -345,12 +356,14 @@ def _follow_label_count(
         _warn_once(
             warned,
             "reference_bs",
-            f"sophia: bs=None follows the label count of a GNB refresh, but this estimate "
-            f"carries none (a hand-made or Hutchinson estimate), so bs={spec.REFERENCE_BS} "
-            "(spec.REFERENCE_BS, the paper's code's default) is used; pass bs= (the number "
-            "of labels behind each estimate), or update_hessian(..., label_count=n)",
+            "sophia: bs=None follows the label count of a GNB refresh, but this estimate "
+            "carries none (a hand-made or Hutchinson estimate): the step keeps the latest "
+            f"count, or bs={spec.REFERENCE_BS} (spec.REFERENCE_BS, the paper's code's default) "
+            "if no refresh gave one. Pass bs= (the number of labels behind each estimate, 1 "
+            "for a Hutchinson one), or update_hessian(..., label_count=n)",
+            LabelCountWarning,
         )
-        return state._replace(bs=jnp.asarray(spec.REFERENCE_BS, sd))
+        return state
     n = jnp.asarray(n)
     return state._replace(bs=jnp.where(n > 0, n.astype(sd), state.bs))
 
@@ -369,6 +382,7 @@ def _check_bs(bs: Any, n: Any, warned: set[str]) -> None:
                 f"sophia: bs={bs_value:g} but the GNB refresh saw {n_value} labels; the "
                 f"update divides by rho * bs * h, so bs should be the refresh's label count "
                 f"({n_value}): pass bs={n_value}, or bs=None to follow the refresh",
+                LabelCountWarning,
             )
 
     try:
