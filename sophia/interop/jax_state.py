@@ -250,6 +250,8 @@ def from_jax(
                 hyperparams=hp,
                 key=np.array(key, dtype=np.uint32, copy=True),
                 key_impl=impl,
+                # bs=None: the count the state's bs follows (torch keeps it as group_label_count)
+                label_count=int(s.bs) if s.bs_from_refresh else None,
             )
         )
     ckpt = Checkpoint(groups)
@@ -371,7 +373,9 @@ def to_jax(
             data = jnp.asarray(cg.key)
             typed = jnp.issubdtype(s.key.dtype, jax.dtypes.prng_key)
             key = jax.random.wrap_key_data(data, impl=cg.key_impl) if typed else data
+        follow = s.bs_from_refresh and cg.label_count is not None
         return s._replace(
+            bs=jnp.asarray(cg.label_count, sd) if follow else s.bs,
             count=jnp.asarray(cg.step, jnp.int32),
             mu=mu,
             hessian=hessian,

@@ -512,3 +512,18 @@ def test_flax_nnx_model_that_ignores_the_parameters_is_refused_and_nnx_merge_wor
     step(model, opt, True)
     d = sj.diagnostics(opt.opt_state)
     assert int(d["count"][...]) == 1 and float(d["hessian_norm"][...]) > 0
+
+
+def test_the_followed_label_count_crosses_sophia_interop():
+    """bs=None: the count the state follows is the checkpoint's label_count, and comes back."""
+    from sophia import interop
+
+    params, logits_fn = _mlp()
+    tx = sj.sophia_g(1e-2, hessian_update_interval=1)
+    ((_, s),) = _run(tx, params, logits_fn, 1, mask=MASK)
+    ckpt = interop.from_jax(s, params)
+    assert ckpt.groups[0].label_count == 4
+    back = interop.to_jax(ckpt, tx.init(params), params)
+    assert float(back[0].bs) == 4 and float(tx.init(params)[0].bs) == spec.REFERENCE_BS
+    fixed = sj.sophia_g(1e-2, bs=4, hessian_update_interval=1)
+    assert interop.from_jax(fixed.init(params), params).groups[0].label_count is None
