@@ -74,9 +74,12 @@ def sophia_g(
          \min\!\left(\frac{|m_t|}{\rho\, bs\, \max(h_t,0) + \epsilon}, 1\right)
          + \lambda \theta_{t-1}\right)
 
-    with :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` every
-    ``hessian_update_interval`` steps, :math:`\hat h` from :func:`sophia.jax.gnb`.
-    On those steps pass the model's logits for the current batch::
+    with :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h`, :math:`\hat h` from
+    :func:`sophia.jax.gnb`, at the start of every step ``t`` (0-based: the
+    steps taken so far) with ``t % k == 0``, ``k = hessian_update_interval``
+    (steps 0, k, 2k, ...), from the parameters before that step's update, as
+    in torch's loop. Pass the model's logits for the current batch to every
+    ``update`` (they are used on refresh steps only)::
 
         updates, state = tx.update(grads, state, params, logits_fn=lambda p: model(p, x))
 
@@ -100,8 +103,9 @@ def sophia_g(
         with a one-time warning, where an estimate carries no count). A number
         that differs from the count a refresh sees gets a one-time warning.
       eps: added to the denominator.
-      hessian_update_interval: refresh every ``k`` steps; ``None`` for manual
-        refreshes with :func:`sophia.jax.update_hessian`.
+      hessian_update_interval: ``k``, refresh at the start of each step ``t``
+        with ``t % k == 0``; ``None`` for manual refreshes with
+        :func:`sophia.jax.update_hessian`.
       estimator: ``"gnb"`` (:func:`sophia.jax.gnb`), ``"hutchinson"``
         (:func:`sophia.jax.hutchinson`) or an :data:`sophia.jax.Estimator`
         callable. A name keeps :func:`optax.inject_hyperparams` working without
@@ -200,7 +204,8 @@ def sophia_h(
       weight_decay: decoupled weight decay (scalar or schedule).
       bs: multiplies ``rho`` in the denominator (1 for Hutchinson).
       eps: added to the denominator.
-      hessian_update_interval: refresh every ``k`` steps; ``None`` for manual.
+      hessian_update_interval: ``k``, refresh at the start of each step ``t``
+        with ``t % k == 0``; ``None`` for manual.
       maximize: ascend instead of descend.
       dynamic: adapt ``rho`` to keep the win rate in [0.1, 0.5].
       weight_decay_mask: which leaves decay.

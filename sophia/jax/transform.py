@@ -414,11 +414,13 @@ def scale_by_sophia(
        u_t &= \operatorname{sign}(m_t)\,
               \min\!\left(\frac{|m_t|}{\rho\, bs\, \max(h_t, 0) + \epsilon}, 1\right)
 
-    and, every ``hessian_update_interval`` steps (at steps ``t`` with
-    ``t % k == 0``, before the update, at the current parameters),
-    :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` with
-    ``h_hat = estimator(params, key, **extra_args)``. The refresh runs under
-    :func:`jax.lax.cond`, so other steps cost nothing extra.
+    and, at the start of every step ``t`` (0-based: ``count``, the steps taken
+    so far) with ``t % k == 0``, ``k = hessian_update_interval`` (steps 0, k,
+    2k, ...), before the update and from the ``params`` passed to it (those
+    before the step), :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` with
+    ``h_hat = estimator(params, key, **extra_args)``. Under ``jit`` the refresh
+    runs under :func:`jax.lax.cond`, so other steps cost nothing extra; op by
+    op it is a plain Python branch.
 
     Weight decay and the learning rate are applied by the aliases
     (:func:`sophia.jax.sophia_g`) that chain this core. The updates it returns
@@ -442,8 +444,9 @@ def scale_by_sophia(
         :class:`Estimate`), see :func:`sophia.jax.sophia_g`.
       eps: added to the denominator; floored at the compute dtype's smallest
         normal number so ``0/0`` cannot happen.
-      hessian_update_interval: refresh every ``k`` steps; ``None`` disables the
-        built-in refresh (use :func:`update_hessian`).
+      hessian_update_interval: ``k``, refresh at the start of each step ``t``
+        with ``t % k == 0``; ``None`` disables the built-in refresh (use
+        :func:`update_hessian`).
       estimator: ``estimator(params, key, **extra_args) -> h_hat``, e.g.
         :func:`sophia.jax.gnb` or :func:`sophia.jax.hutchinson`. Required
         unless ``hessian_update_interval`` is ``None``.
@@ -846,8 +849,10 @@ def update_hessian(
     every :class:`ScaleBySophiaState` inside ``opt_state`` gets
     :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` and, if the transform
     was built with ``dynamic=True``, the dynamic-rho rule. Build the transform
-    with ``hessian_update_interval=None`` so the built-in refresh stays off.
-    Pure and jit-friendly.
+    with ``hessian_update_interval=None`` so the built-in refresh stays off,
+    and call it before the ``update`` of each step ``t`` with ``t % k == 0``,
+    with an estimate at the parameters before that step (the built-in
+    refresh's rule). Pure and jit-friendly.
 
     With ``bs=None`` the state's ``bs`` becomes the estimate's label count:
     ``label_count``, or that of an :class:`Estimate` (what
