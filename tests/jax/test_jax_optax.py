@@ -1,5 +1,8 @@
 """sophia_g inside optax pipelines: schedules, masks, wrappers, validation."""
 
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +186,34 @@ def test_scale_by_sophia_needs_an_estimator_for_builtin_refreshes():
     with pytest.raises(ValueError, match="Invalid estimator: None"):
         sj.scale_by_sophia(hessian_update_interval=10)
     sj.scale_by_sophia(hessian_update_interval=None)
+
+
+@pytest.mark.parametrize("name", ["sophia_g", "sophia_h"])
+def test_op_by_op_refresh_steps_compile_nothing_after_the_first(name, caplog):
+    """Op by op the refresh is a Python branch: a lax.cond with new closures (the logits_fn
+    or obj_fn of each call) was compiled anew at every refresh, over a second each."""
+    if name == "sophia_g":
+        tx, extra, fn = sj.sophia_g(0.1, bs=16, hessian_update_interval=1), "logits_fn", logits_fn
+    else:
+        tx, extra, fn = sj.sophia_h(0.1, hessian_update_interval=1), "obj_fn", loss
+
+    def compilations(run, *args):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), jax.log_compiles():
+            out = run(*args)
+        found = [re.search("Finished .* compilation", r.getMessage()) for r in caplog.records]
+        return sum(map(bool, found)), out
+
+    def step(p, s):
+        # a new closure every step, as a training loop over batches makes
+        return tx.update(jax.grad(loss)(p), s, p, **{extra: lambda q: fn(q)})
+
+    s, p, compiled = tx.init(PARAMS), PARAMS, []
+    for _ in range(3):
+        n, (u, s) = compilations(step, p, s)
+        p = optax.apply_updates(p, u)
+        compiled.append(n)
+    assert compiled[1:] == [0, 0]
+    assert int(s[0].count) == 3 and float(s[0].hessian_norm) > 0
+    # and the log does see a compilation where there is one
+    assert compilations(jax.jit(lambda a: a * 3.5), jnp.ones(7))[0] > 0
