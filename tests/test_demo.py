@@ -668,7 +668,7 @@ class _Demo:
         return code
 
 
-@pytest.mark.parametrize("moment", ["at once", "first compile", "training"])
+@pytest.mark.parametrize("moment", ["at once", "framework import", "first compile", "training"])
 def test_ctrl_c_ends_cleanly_at_any_moment(moment, tmp_path):
     """Ctrl-C gives status 130, the line ``sophia-demo: interrupted`` and no traceback or crash.
 
@@ -678,10 +678,13 @@ def test_ctrl_c_ends_cleanly_at_any_moment(moment, tmp_path):
     """
     args = ["--preset", "tiny", "--steps", "100000", "--n-layer", "1", "--out", str(tmp_path)]
     # at once: python -v lists the imports, so the test can aim at the demo's own
-    demo = _Demo(args, tmp_path, **({"PYTHONVERBOSE": "1"} if moment == "at once" else {}))
+    verbose = moment in ("at once", "framework import")
+    demo = _Demo(args, tmp_path, **({"PYTHONVERBOSE": "1"} if verbose else {}))
     if moment == "first compile":  # inside XLA's compilation of the training step
         demo.wait_for("Finished jaxpr to MLIR module conversion jit(train_step)")
         time.sleep(0.1)
+    elif moment == "framework import":  # jaxlib's extension modules initialising
+        demo.wait_for("import 'jaxlib.version'")
     elif moment == "training":
         demo.wait_for("Finished XLA compilation of jit(train_step)")
         time.sleep(1.0)

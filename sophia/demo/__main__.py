@@ -106,6 +106,7 @@ from sophia.demo.train import (  # noqa: E402
     BackendUnavailable,
     ConfigError,
     RunConfig,
+    load_backend,
     prepare_out_dir,
     run_comparison,
     run_sweep,
@@ -379,6 +380,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, before)
 
 
+def _import_backends(frameworks: Sequence[str]) -> None:
+    """Imports each framework's backend with Ctrl-C ending the process at once.
+
+    A KeyboardInterrupt raised while an extension module initialises (jaxlib's
+    ``_jax`` calls back into Python as it loads) leaves it half-built, and its
+    destruction crashes the process; during imports there is nothing to clean up.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, _exit_interrupted) if in_main_thread else None
+    try:
+        for framework in frameworks:
+            load_backend(framework)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, before)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -394,6 +412,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as e:
         return _error(f"Invalid --out: {e} (allowed: a directory this user can write to)")
     try:
+        _import_backends(frameworks)
         if args.sweep:
             run_sweep(
                 cfg,
