@@ -220,8 +220,13 @@ DEFAULTS = SophiaHyperParams()
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
-    """The dtype the update math runs in for parameters of ``dtype``."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    """The dtype the update math runs in for parameters of ``dtype``.
+
+    A complex parameter is a pair of reals: complex128 computes in float64,
+    complex64 in float32.
+    """
+    wide = np.dtype(dtype) in (np.dtype(np.float64), np.dtype(np.complex128))
+    return np.dtype(np.float64) if wide else np.dtype(np.float32)
 
 
 def effective_eps(eps: float, dtype: Any = np.float32) -> float:

@@ -150,6 +150,9 @@ def test_low_precision_storage_uses_float32_math():
     assert spec.compute_dtype(bf16) == np.float32
     assert spec.compute_dtype(np.float16) == np.float32
     assert spec.compute_dtype(np.float64) == np.float64
+    # complex parameters are pairs of reals of their part's width
+    assert spec.compute_dtype(np.complex64) == np.float32
+    assert spec.compute_dtype(np.complex128) == np.float64
 
 
 def test_hessian_ema_and_win_rate():
