@@ -93,13 +93,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sophia.demo.machine import machine_info  # noqa: E402
 from sophia.demo.train import (  # noqa: E402
     FRAMEWORKS,
     PRESETS,
     OptimConfig,
     RunConfig,
     load_backend,
-    machine_info,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refresh_cost.json"

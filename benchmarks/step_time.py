@@ -62,7 +62,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sophia.jax as sj  # noqa: E402
-from sophia.demo.train import cpu_name  # noqa: E402
+from sophia.demo.machine import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 LR = 1e-4

@@ -80,7 +80,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sophia.demo.train import cpu_name  # noqa: E402
+from sophia.demo.machine import cpu_name  # noqa: E402
 from sophia.torch import SophiaG  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time_torch.json"

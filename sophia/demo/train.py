@@ -47,7 +47,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import tempfile
 import textwrap
 import time
@@ -59,6 +58,7 @@ import numpy as np
 
 from sophia.demo.data import BatchSampler, Corpus, load_corpus
 from sophia.demo.data import eval_batches as make_eval_batches
+from sophia.demo.machine import machine_info
 from sophia.demo.model import ModelConfig, n_params
 
 __all__ = [
@@ -76,11 +76,9 @@ __all__ = [
     "adamw",
     "behind_note",
     "check_corpus",
-    "cpu_name",
     "format_table",
     "load_backend",
     "lr_at",
-    "machine_info",
     "plot_losses",
     "prepare_out_dir",
     "run_comparison",
@@ -611,33 +609,6 @@ def load_backend(framework: str) -> Any:
             f"this installation; run with {others}"
         )
     return importlib.import_module(name)
-
-
-def machine_info(backends: Sequence[Any] = ()) -> dict[str, Any]:
-    """Host, CPU, Python and NumPy, plus each backend's ``device_info()``."""
-    info: dict[str, Any] = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-    for backend in backends:
-        d = backend.device_info()
-        info[d.get("framework", backend.__name__)] = d
-    return info
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from ``/proc/cpuinfo`` on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
