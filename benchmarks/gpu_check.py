@@ -81,7 +81,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(HERE))
 
-from ulp import (  # noqa: E402
+from harness.ulp import (  # noqa: E402
     bfloat16_bits,
     round_to_bfloat16,
     ulp_diff,
@@ -905,10 +905,10 @@ def fused_kernel_config(torch: Any, patch: dict[str, Any]) -> Iterator[None]:
     """The fused torch path recompiled under extra inductor settings, restored afterwards."""
     import torch._inductor.config as inductor_config
 
-    from sophia.torch import functional
+    from sophia.torch import _fused
 
     def fresh() -> None:
-        functional._FUSED_KERNELS.clear()  # compiled per dtype on first use: compile again
+        _fused.COMPILED_KERNELS.clear()  # compiled per dtype on first use: compile again
         torch._dynamo.reset()
 
     fresh()
@@ -1287,7 +1287,8 @@ def jax_step_time(
     jax = fw.need_jax()
     import jax.numpy as jnp
     import optax
-    import step_time as st
+    from harness.jax_step import Case, optimizer_step
+    from harness.timing import interleave
 
     import sophia.jax as sj
 
@@ -1342,26 +1343,18 @@ def jax_step_time(
     for name in [*steps, "copy"]:
         try:
             if name == "copy":
-                case = st.Case(
-                    name, lambda a, b: b * scale, pool, ["a", "b"], ["a"], COPY_BYTES * n
-                )
+                case = Case(name, lambda a, b: b * scale, pool, ["a", "b"], ["a"])
             else:
                 args = ["params", state[name], "grads"]
-                case = st.Case(name, st.optimizer_step(steps[name]), pool, args, args[:2])
-            case.call()  # one call before the clock, as for torch
+                case = Case(name, optimizer_step(steps[name]), pool, args, args[:2])
+            case()  # one call before the clock, as for torch
             cases.append(case)
         except Exception as e:  # noqa: BLE001 (one variant that fails must not hide the others)
             errors[name] = f"{type(e).__name__}: {e}"
     if "copy" in errors:
         raise RuntimeError(f"the copy, the floor of every figure, failed: {errors['copy']}")
     t0 = time.perf_counter()
-    for case in cases:
-        for _ in range(warmup):
-            case.call()
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
-    for r in range(repeats):
-        for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
-            times[case.name].append(case.call()[0] * 1e3)
+    times = interleave({c.name: c for c in cases}, repeats, warmup=warmup).wall_ms
     required = {"sophia_g": SOPHIA_BYTES, "sophia_g_fast": SOPHIA_BYTES, "adamw": ADAMW_BYTES}
     res = summarize_times(times, n, {k: v for k, v in required.items() if k in times})
     res["errors"] = errors
@@ -1460,7 +1453,7 @@ MIN_TRAIN_STEPS = 200
 
 def scaled_config(preset: str, steps: int, smoke: bool) -> Any:
     """The preset shortened to ``steps`` (warm-up scaled alike), with five evaluations."""
-    from sophia.demo.train import PRESETS
+    from sophia.demo.config import PRESETS
 
     cfg = PRESETS[preset]
     if smoke:  # one block: the JAX trainers compile in seconds
@@ -1476,7 +1469,7 @@ def scaled_config(preset: str, steps: int, smoke: bool) -> Any:
 
 def make_trainers(fw: Frameworks, framework: str, cfg: Any) -> dict[str, Any]:
     """SophiaG's and AdamW's trainers of the demo; torch under bfloat16 autocast on CUDA."""
-    from sophia.demo.train import load_backend
+    from sophia.demo.backends import load_backend
 
     backend = load_backend(framework)
     if framework == "jax":
@@ -1503,7 +1496,7 @@ def precision(fw: Frameworks, framework: str) -> str:
 
 def calibrate(fw: Frameworks, framework: str, preset: str) -> float:
     """Seconds one SophiaG step plus one AdamW step take at ``preset`` (after warm-up)."""
-    from sophia.demo.train import PRESETS
+    from sophia.demo.config import PRESETS
 
     cfg = PRESETS[preset]
     trainers = make_trainers(fw, framework, cfg)
@@ -1543,7 +1536,7 @@ def plan_training(
     for preset in TRAIN_PRESETS:
         pair_s = calibrate(fw, frameworks[0], preset)
         slice_s = (deadline - time.perf_counter()) / len(frameworks) * 0.8
-        from sophia.demo.train import PRESETS
+        from sophia.demo.config import PRESETS
 
         steps = min(PRESETS[preset].steps, int(slice_s / pair_s))
         tried.append(
@@ -1700,7 +1693,7 @@ def training(part: Part, fw: Frameworks, smoke: bool) -> None:
                 over["how"],
             )
         if all_runs and _has_matplotlib():
-            from sophia.demo.train import plot_losses
+            from sophia.demo.plot import plot_losses
 
             title = f"{plan['preset']}: SophiaG vs AdamW on the same batches"
             plot_losses(all_runs, part.run.out / "training_loss.png", title)

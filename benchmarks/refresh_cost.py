@@ -4,7 +4,7 @@ Run as ``./dev bench refresh_cost`` or ``.venv/bin/python benchmarks/refresh_cos
 (issue #6: with forward reuse a refresh should cost about one extra backward;
 target: SophiaG's average step at ``k = 10`` at most 1.08x AdamW's).
 
-For the demo GPT of a :data:`sophia.demo.train.PRESETS` entry (``--preset``,
+For the demo GPT of a :data:`sophia.demo.config.PRESETS` entry (``--preset``,
 default ``default``; ``--small`` is the ``tiny`` preset, for a smoke test) and
 for each framework (``--framework jax|torch|both``), one run times complete
 training steps exactly as the demo trains: each sample is one call of the
@@ -93,14 +93,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sophia.demo.backends import load_backend  # noqa: E402
+from sophia.demo.config import FRAMEWORKS, PRESETS, OptimConfig, RunConfig  # noqa: E402
 from sophia.demo.machine import machine_info  # noqa: E402
-from sophia.demo.train import (  # noqa: E402
-    FRAMEWORKS,
-    PRESETS,
-    OptimConfig,
-    RunConfig,
-    load_backend,
-)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refresh_cost.json"
 #: The refresh interval of the target figure.

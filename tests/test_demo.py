@@ -21,9 +21,20 @@ import numpy as np
 import pytest
 
 from sophia.demo import __main__ as cli
-from sophia.demo import data, model, model_jax, train, train_jax
+from sophia.demo import (
+    compare,
+    config,
+    data,
+    model,
+    model_jax,
+    report,
+    schedule,
+    sweep,
+    train,
+    train_jax,
+)
 
-TINY = train.RunConfig(
+TINY = config.RunConfig(
     model=model.ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16),
     steps=20,
     batch_size=4,
@@ -31,8 +42,8 @@ TINY = train.RunConfig(
     eval_interval=5,
     eval_batches=2,
     max_bytes=200_000,
-    sophia=train.sophiag(lr=1e-2, rho=0.03, k=5),
-    adamw=train.adamw(lr=1e-2),
+    sophia=config.sophiag_config(lr=1e-2, rho=0.03, k=5),
+    adamw=config.adamw_config(lr=1e-2),
 )
 
 
@@ -200,11 +211,11 @@ def test_jax_schedule_matches_lr_at():
     for opt in TINY.optimizers:
         sched = train_jax.make_schedule(opt, TINY)
         got = np.asarray(jax.vmap(sched)(jnp.arange(TINY.steps + 3)))
-        want = [train.lr_at(s, opt, TINY) for s in range(TINY.steps + 3)]
+        want = [schedule.lr_at(s, opt, TINY) for s in range(TINY.steps + 3)]
         np.testing.assert_allclose(got, want, rtol=1e-5)
     opt = TINY.sophia
-    assert train.lr_at(TINY.warmup - 1, opt, TINY) == pytest.approx(opt.lr)
-    assert train.lr_at(TINY.steps - 1, opt, TINY) == pytest.approx(opt.lr * TINY.min_lr_ratio)
+    assert schedule.lr_at(TINY.warmup - 1, opt, TINY) == pytest.approx(opt.lr)
+    assert schedule.lr_at(TINY.steps - 1, opt, TINY) == pytest.approx(opt.lr * TINY.min_lr_ratio)
 
 
 def test_refresh_steps():
@@ -220,7 +231,7 @@ def test_refresh_steps():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    record = train.run_comparison(TINY, ("jax",), out, progress=False, log=lambda s: None)
+    record = compare.run_comparison(TINY, ("jax",), out, progress=False, log=lambda s: None)
     return out, record
 
 
@@ -268,7 +279,7 @@ def test_run_json_and_png_written(tiny_run):
 
 
 def _result(name, val_loss, step_ms=None, refresh=None, steps=40):
-    opt = train.sophiag() if name == "sophiag" else train.adamw()
+    opt = config.sophiag_config() if name == "sophiag" else config.adamw_config()
     n = steps
     return train.RunResult(
         framework="fake",
@@ -289,16 +300,16 @@ def test_summary_steps_to_reach_and_overhead():
     ms = [1000.0, 500.0] + [100.0 if s % 10 else 150.0 for s in range(2, 40)]
     s = _result("sophiag", [5.0, 3.0, 2.4, 2.0, 1.9], step_ms=ms)
     a = _result("adamw", [5.0, 3.5, 2.8, 2.5, 2.4])
-    row = train.summarize([s, a])["fake"]
+    row = report.summarize([s, a])["fake"]
     assert row["steps_to_adamw_final"] == 20 and row["steps_ratio"] == 0.5
     assert row["sophiag"]["refresh_ms"] == 150.0 and row["sophiag"]["plain_ms"] == 100.0
     assert row["sophiag"]["refresh_overhead"] == 1.5
-    table = train.format_table(train.summarize([s, a]))
+    table = report.format_table(report.summarize([s, a]))
     assert "20 (0.50x)" in table and "1.50x" in table
     slow = _result("sophiag", [5.0, 3.6, 2.9, 2.6, 2.5])
-    row = train.summarize([slow, a])["fake"]
+    row = report.summarize([slow, a])["fake"]
     assert row["steps_to_adamw_final"] is None and row["steps_ratio"] is None
-    assert "not reached" in train.format_table(train.summarize([slow, a]))
+    assert "not reached" in report.format_table(report.summarize([slow, a]))
 
 
 def test_diverged_run_is_reported():
@@ -342,8 +353,8 @@ class _FakeBackend:
 
 
 def test_sweep_picks_the_best_and_writes_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "load_backend", lambda fw: _FakeBackend)
-    record = train.run_sweep(
+    monkeypatch.setattr(compare, "load_backend", lambda fw: _FakeBackend)
+    record = sweep.run_sweep(
         TINY,
         "fake",
         tmp_path,
@@ -380,12 +391,12 @@ def test_cli_flags_override_the_preset():
         ]
     )
     cfg = cli.build_config(args)
-    tiny = train.PRESETS["tiny"]
+    tiny = config.PRESETS["tiny"]
     assert cfg.steps == 7 and cfg.model.n_embd == 48 and cfg.model.n_layer == tiny.model.n_layer
     assert cfg.sophia.rho == 0.05 and cfg.sophia.lr == tiny.sophia.lr and cfg.adamw.lr == 1e-3
     assert cfg.tokens_per_step == tiny.batch_size * tiny.model.block_size
     default = cli.build_config(cli.parser().parse_args([]))
-    assert default == train.PRESETS["default"]
+    assert default == config.PRESETS["default"]
     assert cli.main(["--steps", "0"]) == 2
 
 
@@ -462,7 +473,7 @@ def test_cli_sophia_b2_and_grad_clip_flags():
     cfg = cli.build_config(
         cli.parser().parse_args(["--preset", "tiny", "--sophia-b2", "0.9", "--grad-clip", "2.5"])
     )
-    tiny = train.PRESETS["tiny"]
+    tiny = config.PRESETS["tiny"]
     assert cfg.sophia.b2 == 0.9 and cfg.grad_clip == 2.5
     assert cfg.adamw == tiny.adamw and cfg.sophia.rho == tiny.sophia.rho
     for bad in (["--sophia-b2", "1.0"], ["--grad-clip", "0"]):
@@ -471,7 +482,7 @@ def test_cli_sophia_b2_and_grad_clip_flags():
 
 def test_cli_hessian_batch_flag():
     """``--hessian-batch N``: the refresh's sequences reach the config, bs follows, N is checked."""
-    tiny = train.PRESETS["tiny"]
+    tiny = config.PRESETS["tiny"]
     cfg = cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--hessian-batch", "2"]))
     assert cfg.hessian_batch == 2 and not cfg.reuses_forward
     assert cfg.hessian_tokens == 2 * tiny.model.block_size < cfg.tokens_per_step
@@ -559,18 +570,18 @@ def test_cli_paths_resolve_against_the_callers_directory(tmp_path, monkeypatch):
 def test_unwritable_out_dir_fails_before_the_backend_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"")
-    monkeypatch.setattr(train, "load_backend", _must_not_run)
+    monkeypatch.setattr(compare, "load_backend", _must_not_run)
     for run in (
-        lambda: train.run_comparison(TINY, ("jax",), blocker / "out", log=lambda s: None),
-        lambda: train.run_sweep(TINY, "jax", blocker / "out", log=lambda s: None),
+        lambda: compare.run_comparison(TINY, ("jax",), blocker / "out", log=lambda s: None),
+        lambda: sweep.run_sweep(TINY, "jax", blocker / "out", log=lambda s: None),
     ):
-        with pytest.raises(train.ConfigError, match=f"cannot write to {blocker / 'out'}: "):
+        with pytest.raises(config.ConfigError, match=f"cannot write to {blocker / 'out'}: "):
             run()
 
 
 def test_a_text_too_short_for_the_context_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "short.txt").write_bytes(b"x" * 300)  # 30 validation bytes, context 32
-    monkeypatch.setattr(train, "load_backend", lambda fw: _FakeBackend)
+    monkeypatch.setattr(compare, "load_backend", lambda fw: _FakeBackend)
     args = ["--preset", "tiny", "--text", str(tmp_path / "short.txt"), "--out", str(tmp_path)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
@@ -581,12 +592,12 @@ def test_help_shows_each_presets_values_and_describes_the_presets():
     text = cli.parser().format_help()
     assert "(default: None)" not in text
     flat = " ".join(text.split())
-    steps = ", ".join(f"{name}: {cfg.steps}" for name, cfg in train.PRESETS.items())
+    steps = ", ".join(f"{name}: {cfg.steps}" for name, cfg in config.PRESETS.items())
     assert f"optimizer updates ({steps})" in flat
     assert "(tiny: whole batch, default: 4, gpt2-small: whole batch)" in flat
     assert "SophiaG b2 (EMA rate of the Hessian) (every preset: 0.99)" in flat
-    assert train.PRESET_NOTES.keys() == train.PRESETS.keys()
-    for name, note in train.PRESET_NOTES.items():
+    assert config.PRESET_NOTES.keys() == config.PRESETS.keys()
+    for name, note in config.PRESET_NOTES.items():
         assert f"{name} {note}" in flat
 
 
@@ -594,25 +605,25 @@ def test_help_shows_each_presets_values_and_describes_the_presets():
 def test_the_expected_result_is_said_under_the_table_and_in_the_plot(behind, tmp_path, monkeypatch):
     """When SophiaG does not reach AdamW's final loss, the console line under the table and the
     plot's title say that this is expected at this scale and where the evidence is."""
-    monkeypatch.setattr(train, "load_backend", lambda fw: _FakeBackend)
+    monkeypatch.setattr(compare, "load_backend", lambda fw: _FakeBackend)
     titles = []
-    monkeypatch.setattr(train, "plot_losses", lambda results, path, title: titles.append(title))
+    monkeypatch.setattr(compare, "plot_losses", lambda results, path, title: titles.append(title))
     # the fake's loss falls by (lr + rho) per step: SophiaG's rho decides who wins
     cfg = dataclasses.replace(
         TINY, sophia=dataclasses.replace(TINY.sophia, rho=0.0 if behind else 0.03)
     )
     cfg = dataclasses.replace(cfg, sophia=dataclasses.replace(cfg.sophia, lr=0.005))
     lines = []
-    record = train.run_comparison(cfg, ("fake",), tmp_path, progress=False, log=lines.append)
+    record = compare.run_comparison(cfg, ("fake",), tmp_path, progress=False, log=lines.append)
     reached = record["summary"]["fake"]["steps_to_adamw_final"]
     assert (reached is None) == behind
     table_at = lines.index(record["table"])
     if behind:
-        assert lines[table_at + 1] == train.BEHIND_NOTE
-        assert " ".join(titles[0].split()).endswith(train.BEHIND_NOTE)
-        assert "docs/demo_findings.md" in train.BEHIND_NOTE and "expected" in train.BEHIND_NOTE
+        assert lines[table_at + 1] == report.BEHIND_NOTE
+        assert " ".join(titles[0].split()).endswith(report.BEHIND_NOTE)
+        assert "docs/demo_findings.md" in report.BEHIND_NOTE and "expected" in report.BEHIND_NOTE
     else:
-        assert train.BEHIND_NOTE not in lines and "expected" not in titles[0]
+        assert report.BEHIND_NOTE not in lines and "expected" not in titles[0]
 
 
 # ---------------------------------------------------------------- Ctrl-C

@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from sophia.demo import __main__ as cli
-from sophia.demo import model, model_jax, model_torch, train, train_jax, train_torch
+from sophia.demo import (
+    config,
+    model,
+    model_jax,
+    model_torch,
+    schedule,
+    train_jax,
+    train_torch,
+)
 
 TINY_MODEL = model.ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16)
 #: The flags that make ``--preset tiny`` the tiny run of tests/test_demo.py (20 steps).
@@ -134,14 +142,14 @@ def test_logits_match_jax(perturb):
 # ---------------------------------------------------------------- trainer
 
 
-def _tiny_cfg() -> train.RunConfig:
-    return train.RunConfig(
+def _tiny_cfg() -> config.RunConfig:
+    return config.RunConfig(
         model=TINY_MODEL,
         steps=20,
         batch_size=4,
         warmup=2,
-        sophia=train.sophiag(lr=1e-2, rho=0.03, k=5),
-        adamw=train.adamw(lr=1e-2),
+        sophia=config.sophiag_config(lr=1e-2, rho=0.03, k=5),
+        adamw=config.adamw_config(lr=1e-2),
     )
 
 
@@ -158,7 +166,7 @@ def test_trainer_schedule_refresh_and_state():
         x = rng.integers(0, 256, (cfg.batch_size, TINY_MODEL.block_size)).astype(np.int32)
         loss = trainer.step(x, np.roll(x, -1, axis=1))
         assert isinstance(loss, float) and math.isfinite(loss)
-        assert opt.param_groups[0]["lr"] == train.lr_at(step, cfg.sophia, cfg)
+        assert opt.param_groups[0]["lr"] == schedule.lr_at(step, cfg.sophia, cfg)
         hessians.append(opt.state[trainer.model.wte.weight]["hessian"].clone())
     # refreshed at steps 0 and 5 only (k = 5), before those updates
     changed = [bool((b != a).any()) for a, b in zip(hessians, hessians[1:])]

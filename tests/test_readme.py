@@ -350,19 +350,19 @@ def _notebook_text(path: Path, kind: str | None = None) -> str:
 def test_the_one_refresh_rule_is_stated_in_the_same_words(capsys):
     """README, notebooks and demo say when the Hessian is refreshed, in the same words."""
     from sophia.demo import __main__ as cli
-    from sophia.demo import data, train, train_jax, train_torch
+    from sophia.demo import config, data, report, train, train_jax, train_torch
 
-    rule = _flat(train.REFRESH_RULE)
+    rule = _flat(config.REFRESH_RULE)
     places = {"README.md": README.read_text()}
     for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
         places[nb.name] = _notebook_text(nb, "markdown")
     places["sophia-demo --help"] = cli.parser().format_help()
     corpus = data.Corpus(np.zeros(100, np.uint8), np.zeros(10, np.uint8), "x", 1, 0, "0")
-    places["the demo's console"] = "\n".join(train._describe_run(train.PRESETS["tiny"], corpus))
+    places["the demo's console"] = "\n".join(report.describe_run(config.PRESETS["tiny"], corpus))
     for module in (train, train_jax, train_torch):
         places[module.__name__] = module.__doc__
     missing = [name for name, text in places.items() if rule not in _flat(text)]
-    assert not missing, f"not stated as {train.REFRESH_RULE!r} in: {missing}"
+    assert not missing, f"not stated as {config.REFRESH_RULE!r} in: {missing}"
 
 
 def test_no_loop_refreshes_at_another_phase():

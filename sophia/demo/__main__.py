@@ -96,19 +96,20 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from sophia.demo.train import (  # noqa: E402
+from sophia.demo.backends import BackendUnavailable, load_backend  # noqa: E402
+from sophia.demo.compare import run_comparison  # noqa: E402
+from sophia.demo.config import (  # noqa: E402
     PRESET_NOTES,
     PRESETS,
     REFRESH_RULE,
+    ConfigError,
+    RunConfig,
+)
+from sophia.demo.report import prepare_out_dir  # noqa: E402
+from sophia.demo.sweep import (  # noqa: E402
     SWEEP_ADAMW_LRS,
     SWEEP_RHOS,
     SWEEP_SOPHIA_LRS,
-    BackendUnavailable,
-    ConfigError,
-    RunConfig,
-    load_backend,
-    prepare_out_dir,
-    run_comparison,
     run_sweep,
 )
 

@@ -9,7 +9,7 @@ logits and backpropagates their loss through the same graph, so a refresh
 costs one extra backward and no extra forward. AdamW is
 :class:`torch.optim.AdamW`. Both get the gradient after
 :func:`torch.nn.utils.clip_grad_norm_`, the learning rate
-:func:`sophia.demo.train.lr_at` set on every param group before each update,
+:func:`sophia.demo.schedule.lr_at` set on every param group before each update,
 and two param groups split by :func:`sophia.demo.model.decays` (weight decay
 only on the first; both optimizers multiply it by the learning rate, like
 the JAX backend's). Runs on CUDA when available, else on the CPU.
@@ -17,12 +17,10 @@ the JAX backend's). Runs on CUDA when available, else on the CPU.
 The model runs eagerly. On the CPU both optimizers take their fused path
 (SophiaG's native kernel, torch's fused AdamW): one call over all
 parameters each, where the for-loop paths launch several kernels per
-tensor; at the default size (220K parameters in 52 tensors, 2 CPU cores)
-that measured 4.1 ms (SophiaG) and 3.0 ms (AdamW) per for-loop step
-against 1.3 and 0.8 ms fused, in a training step of about 30 ms.
-Elsewhere they use torch's default for the device (foreach on CUDA). On a
-CPU shared with other work, torch's intra-op threads wait on each other at
-every kernel: ``OMP_NUM_THREADS=1`` can then be several times faster.
+tensor, which dominates at the demo's many small tensors (docs/demo_findings.md
+has the timings). Elsewhere they use torch's default for the device (foreach
+on CUDA). On a CPU shared with other work, torch's intra-op threads wait on
+each other at every kernel: ``OMP_NUM_THREADS=1`` can then be much faster.
 """
 
 from __future__ import annotations
@@ -35,8 +33,10 @@ import numpy as np
 import torch
 
 from sophia.demo import model_torch
+from sophia.demo.config import OptimConfig, RunConfig
 from sophia.demo.data import Corpus
-from sophia.demo.train import OptimConfig, RunConfig, RunResult, lr_at, train
+from sophia.demo.schedule import lr_at
+from sophia.demo.train import RunResult, train
 from sophia.torch import SophiaG
 
 __all__ = [
@@ -59,7 +59,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """SophiaG or AdamW over ``model`` with two param groups: decayed and not decayed.
 
-    The learning rate starts at :func:`sophia.demo.train.lr_at` ``(0)``; the
+    The learning rate starts at :func:`sophia.demo.schedule.lr_at` ``(0)``; the
     trainer sets it again before every update. SophiaG's ``bs`` is
     ``cfg.hessian_tokens`` (the labels behind each GNB estimate).
 
