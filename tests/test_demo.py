@@ -700,7 +700,7 @@ def test_ctrl_c_ends_cleanly_at_any_moment(moment, tmp_path):
         demo.wait_for("Finished XLA compilation of jit(train_step)")
         time.sleep(1.0)
     else:  # the demo's first imports, before jax's
-        demo.wait_for("import 'sophia.demo.data'")  # by sophia.demo.train
+        demo.wait_for("import 'sophia.demo.data'")  # by sophia.demo.config
     code = demo.interrupt()
     out = demo.output
     assert code == 130, f"exit status {code}:\n{out}"
