@@ -28,7 +28,7 @@ def machine_info(backends: Sequence[Any] = ()) -> dict[str, Any]:
     """Host, CPU, Python and NumPy, plus each backend's ``device_info()``.
 
     Args:
-      backends: backend modules (see :func:`sophia.demo.train.load_backend`).
+      backends: backend modules (see :func:`sophia.demo.backends.load_backend`).
 
     Returns:
       JSON-ready data; each backend's ``device_info()`` under its framework's name.
