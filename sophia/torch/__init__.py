@@ -18,7 +18,7 @@ Example (the Hessian is refreshed at the start of every step ``t`` with
 
 from sophia.torch import functional
 from sophia.torch.estimators import gnb, hutchinson, sample_labels, sampled_label_grads
-from sophia.torch.functional import hessian_ema, sophia_g, sophiag
+from sophia.torch.functional import hessian_ema, sophia_g
 from sophia.torch.optimizer import (
     HessianNotRefreshedWarning,
     LabelCountWarning,
@@ -40,5 +40,4 @@ __all__ = [
     "sample_labels",
     "sampled_label_grads",
     "sophia_g",
-    "sophiag",
 ]

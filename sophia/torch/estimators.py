@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sophia.torch.functional import DTensor, compute_dtype
+from sophia.torch._dtensor import is_dtensor
+from sophia.torch._scalars import compute_dtype, real_view
 
 __all__ = ["gnb", "hutchinson", "sample_labels", "sampled_label_grads"]
 
@@ -117,7 +118,7 @@ def _sampled_label_grads(
             loss, list(params), retain_graph=retain_graph, allow_unused=True
         )
         for i, (p, g) in enumerate(zip(params, grads)):
-            if g is None and DTensor is not None and isinstance(p, DTensor):
+            if g is None and is_dtensor(p):
                 # FSDP2 all-gathers sharded parameters outside autograd, so they are never
                 # in the logits' graph: zeros here would silently become a zero Hessian
                 raise ValueError(
@@ -187,7 +188,8 @@ def sampled_label_grads(
 
 
 def _square(g: Tensor) -> Tensor:
-    g = torch.view_as_real(g) if torch.is_complex(g) else g
+    """``g * g`` of the real view of ``g``, in the compute dtype: an estimate from a gradient."""
+    g = real_view(g)
     g = g.to(compute_dtype(g.dtype))
     return g * g
 
@@ -286,7 +288,7 @@ def hutchinson(
     result = []
     for p, v, hv in zip(params, vs, hvs):
         hv = torch.zeros_like(p) if hv is None else hv
-        v, hv = (torch.view_as_real(x) if torch.is_complex(x) else x for x in (v, hv))
+        v, hv = real_view(v), real_view(hv)
         cd = compute_dtype(v.dtype)
         result.append(v.to(cd) * hv.detach().to(cd))
     return result

@@ -13,7 +13,9 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from sophia import spec
 from sophia.torch import estimators
-from sophia.torch.functional import DTensor, compute_dtype, hessian_ema, sophia_g
+from sophia.torch._dtensor import is_dtensor
+from sophia.torch._scalars import compute_dtype
+from sophia.torch.functional import hessian_ema, sophia_g
 
 __all__ = [
     "HessianNotRefreshedWarning",
@@ -754,7 +756,7 @@ class SophiaG(Optimizer):
                         x = st[key]
                         x = torch.view_as_real(x) if torch.is_complex(x) else x
                         n = torch.linalg.vector_norm(x, dtype=sd)
-                        if DTensor is not None and isinstance(n, DTensor):
+                        if is_dtensor(n):
                             n = n.full_tensor()  # every rank reports the global norm
                         norms[key].append(n.to(device))
             out.append(

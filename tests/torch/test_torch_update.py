@@ -323,15 +323,15 @@ def test_signed_zeros_follow_the_reference_bit_for_bit(path, maximize, weight_de
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_blocks_cut_across_and_between_tensors_give_the_reference(path, threads, monkeypatch):
     """The CPU bodies run block by block: a block size that cuts tensors (and batches)."""
-    import sophia.torch.functional as functional
+    from sophia.torch import _blocks
 
-    monkeypatch.setattr(functional, "_CPU_BLOCK", 19)
+    monkeypatch.setattr(_blocks, "_CPU_BLOCK", 19)
     leaves = random_state(8, [(9, 7), (40,), (3,), (5, 4), (1,), (64,)], np.float32, 0.1)
     rng = np.random.default_rng(8)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert functional._cpu_block() == 19 * threads
+        assert _blocks.cpu_block() == 19 * threads
         opt, params = make_optimizer_with_state(leaves, **HP, **PATHS[path])
         ref = [list(x) for x in leaves]
         kw = reference_kwargs(**HP)
