@@ -106,12 +106,14 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
                 row[name]["final_win_rate"] = r.diagnostics[-1]["win_rate"]
                 row[name]["mean_win_rate"] = float(np.mean(rates))
         if "sophiag" in runs and "adamw" in runs:
-            s, a = runs["sophiag"], runs["adamw"]
-            target = a.final_val
-            reached = next((st for st, v in zip(s.val_steps, s.val_loss) if v <= target), None)
+            sophia_run, adamw_run = runs["sophiag"], runs["adamw"]
+            target = adamw_run.final_val
+            evals = zip(sophia_run.val_steps, sophia_run.val_loss)
+            reached = next((step for step, loss in evals if loss <= target), None)
             row["adamw_final_val"] = finite_or_none(target)
             row["steps_to_adamw_final"] = reached
-            row["steps_ratio"] = None if reached is None else reached / max(len(a.train_loss), 1)
+            adamw_steps = max(len(adamw_run.train_loss), 1)
+            row["steps_ratio"] = None if reached is None else reached / adamw_steps
             row["time_ratio"] = row["sophiag"]["ms_per_step"] / row["adamw"]["ms_per_step"]
         out[fw] = row
     return out
@@ -128,7 +130,7 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """The comparison table printed at the end of a run."""
     lines = []
     for fw, row in summary.items():
-        s, a = row.get("sophiag", {}), row.get("adamw", {})
+        sophia_row, adamw_row = row.get("sophiag", {}), row.get("adamw", {})
         reached = row.get("steps_to_adamw_final")
         if "steps_to_adamw_final" not in row:
             reach = "-"
@@ -140,40 +142,40 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         rows = [
             (
                 "final val loss (nats)",
-                format_value(s.get("final_val"), ".4f"),
-                format_value(a.get("final_val"), ".4f"),
+                format_value(sophia_row.get("final_val"), ".4f"),
+                format_value(adamw_row.get("final_val"), ".4f"),
             ),
-            ("steps to AdamW's final val loss", reach, format_value(a.get("steps"), "d")),
+            ("steps to AdamW's final val loss", reach, format_value(adamw_row.get("steps"), "d")),
             (
                 "ms/step (mean)",
-                format_value(s.get("ms_per_step"), ".1f"),
-                format_value(a.get("ms_per_step"), ".1f"),
+                format_value(sophia_row.get("ms_per_step"), ".1f"),
+                format_value(adamw_row.get("ms_per_step"), ".1f"),
             ),
             (
                 "  plain / Hessian-refresh steps",
-                f"{format_value(s.get('plain_ms'), '.1f')} / "
-                f"{format_value(s.get('refresh_ms'), '.1f')}"
-                f" ({format_value(s.get('refresh_overhead'), '.2f')}x)",
+                f"{format_value(sophia_row.get('plain_ms'), '.1f')} / "
+                f"{format_value(sophia_row.get('refresh_ms'), '.1f')}"
+                f" ({format_value(sophia_row.get('refresh_overhead'), '.2f')}x)",
                 "-",
             ),
             ("  step time vs AdamW", format_value(row.get("time_ratio"), ".2f") + "x", "1.00x"),
             (
                 "SophiaG win rate (mean / last eval)",
-                f"{format_value(s.get('mean_win_rate'), '.2f')} / "
-                f"{format_value(s.get('final_win_rate'), '.2f')}",
+                f"{format_value(sophia_row.get('mean_win_rate'), '.2f')} / "
+                f"{format_value(sophia_row.get('final_win_rate'), '.2f')}",
                 "-",
             ),
             (
                 "tokens/s",
-                format_value(s.get("tokens_per_s"), ",.0f"),
-                format_value(a.get("tokens_per_s"), ",.0f"),
+                format_value(sophia_row.get("tokens_per_s"), ",.0f"),
+                format_value(adamw_row.get("tokens_per_s"), ",.0f"),
             ),
             (
                 "optimizer state (MiB)",
-                format_value(s.get("opt_state_bytes", math.nan) / mib, ".2f")
-                + f" ({format_value(s.get('opt_state_per_param_bytes'), '.1f')} B/param)",
-                format_value(a.get("opt_state_bytes", math.nan) / mib, ".2f")
-                + f" ({format_value(a.get('opt_state_per_param_bytes'), '.1f')} B/param)",
+                format_value(sophia_row.get("opt_state_bytes", math.nan) / mib, ".2f")
+                + f" ({format_value(sophia_row.get('opt_state_per_param_bytes'), '.1f')} B/param)",
+                format_value(adamw_row.get("opt_state_bytes", math.nan) / mib, ".2f")
+                + f" ({format_value(adamw_row.get('opt_state_per_param_bytes'), '.1f')} B/param)",
             ),
         ]
         w0 = max(len(r[0]) for r in rows)
