@@ -6,17 +6,16 @@ prints them as a table in the normal test output.
 """
 
 import pytest
-import torch
+
+from tests.torch.torchref import one_torch_thread
 
 _ROWS = []
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Run as a script under XLA_FLAGS=--xla_cpu_max_isa=AVX: jitted JAX long runs vs the reference.
+"""``python -m tests.cross.cross_nofma CASE...`` under XLA_FLAGS=--xla_cpu_max_isa=AVX: jitted JAX
+long runs against the reference.
 
 Prints one JSON line per case: the largest ulp difference over every step and
 whether the rho sequences and win rates are equal. test_cross_trajectory.py
@@ -8,21 +9,8 @@ starts it (the flag must be set before JAX initialises its CPU backend).
 import json
 import sys
 
-from crossref import JaxDriver, ParamDtypeReference, tree_ulp
-from problems import case
-
-
-def trace(driver, prob, steps, k):
-    from crossref import run
-
-    snaps, rates = [], []
-
-    def record(t, d):
-        snaps.append((d.params(), d.mu(), d.hessian()))
-        rates.append(tuple(d.win_rates()))
-
-    rhos = run(driver, prob.params0, prob.grad, prob.hhat, steps, k, record)
-    return snaps, rates, rhos
+from tests.cross.crossref import JaxDriver, ParamDtypeReference, trace, tree_ulp
+from tests.cross.problems import case
 
 
 def main(names):

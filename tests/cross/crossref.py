@@ -9,32 +9,13 @@ import ml_dtypes
 import numpy as np
 
 from sophia import spec
+from tests.helpers import bits, real_view, ulp_diff
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 HP_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def ulp_diff(a, b):
-    """Largest distance in units in the last place between two same-dtype arrays.
-
-    Bit patterns count: -0 and +0 are 1 apart, so 0 means bit-identical (NaNs aside).
-    """
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if a.size == 0:
-        return 0
-    ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
-    bits = 8 * a.dtype.itemsize
-
-    def ordered(x):  # IEEE bit patterns on a monotonic integer line, -0 one below +0
-        i = x.view(ints).astype(object)
-        return np.where(i < 0, -(i & ((1 << (bits - 1)) - 1)) - 1, i)
-
-    return int(np.max(np.abs(ordered(a) - ordered(b))))
 
 
 def rel_diff(a, b):
@@ -148,8 +129,9 @@ class Reference:
 class JaxDriver:
     """sophia.jax.sophia_g (one group) or optax.multi_transform of one per group.
 
-    ``jit``: jit the step (and, unless ``jit_refresh=False``, the refresh).
-    ``builtin``: instead of update_hessian, the transform's own refresh every
+    ``jit``: jit the step (and, unless ``jit_refresh=False``, the refresh steps: the
+    ``update(..., hessian=h_hat)`` that refreshes then steps; with ``False`` those run op
+    by op). ``builtin``: instead of ``hessian=``, the transform's own refresh every
     ``builtin`` steps with an estimator that returns the estimate passed to
     ``update``. ``wd_mask``: ``(weight_decay, mask)`` for one sophia_g with a
     weight_decay_mask instead of groups (the groups' other hyperparameters must agree).
@@ -198,25 +180,27 @@ class JaxDriver:
             u, s = self.tx.update(g, s, p, **extra)
             return optax.apply_updates(p, u), s
 
+        def refresh_step(p, s, g, h_hat):
+            u, s = self.tx.update(g, s, p, hessian=h_hat)
+            return optax.apply_updates(p, u), s
+
         self._step = jax.jit(step) if jit else step
-        self._refresh = jax.jit(sj.update_hessian) if jit_refresh else sj.update_hessian
+        self._refresh_step = jax.jit(refresh_step) if jit_refresh else refresh_step
         self._pending = None
 
     def refresh(self, h_hat):
-        h = {k: self.jnp.asarray(v) for k, v in h_hat.items()}
-        if self.builtin is not None:
-            self._pending = h  # handed to the transform's own refresh in the next update
-        else:
-            self.state = self._refresh(self.state, h)
+        # handed to the next update: the transform's own refresh, or update(..., hessian=)
+        self._pending = {k: self.jnp.asarray(v) for k, v in h_hat.items()}
 
     def step(self, grads):
         g = {k: self.jnp.asarray(v) for k, v in grads.items()}
+        h, self._pending = self._pending, None
         if self.builtin is not None:
-            h = self._pending
             if h is None:  # not a refresh step: the estimator's result is not used
                 h = {k: self.jnp.zeros(v.shape, spec.compute_dtype(v.dtype)) for k, v in g.items()}
-            self._pending = None
             self.p, self.state = self._step(self.p, self.state, g, h)
+        elif h is not None:
+            self.p, self.state = self._refresh_step(self.p, self.state, g, h)
         else:
             self.p, self.state = self._step(self.p, self.state, g)
 
@@ -341,11 +325,25 @@ def run(driver, params0, grad_fn, hhat_fn, steps, k, record=None, start=0):
         p = driver.params()
         if t % k == 0:
             driver.refresh(hhat_fn(p, t))
-            rhos.append(tuple(driver.rhos()))
         driver.step(grad_fn(p))
+        if t % k == 0:  # JAX refreshes inside the step; a step leaves rho as its refresh set it
+            rhos.append(tuple(driver.rhos()))
         if record is not None:
             record(t, driver)
     return rhos
+
+
+def trace(driver, prob, steps, k):
+    """:func:`run` on a problem, recording every step: (params, mu, hessian) snapshots,
+    win rates and the rho vectors after every refresh."""
+    snaps, rates = [], []
+
+    def record(t, d):
+        snaps.append((d.params(), d.mu(), d.hessian()))
+        rates.append(tuple(d.win_rates()))
+
+    rhos = run(driver, prob.params0, prob.grad, prob.hhat, steps, k, record)
+    return snaps, rates, rhos
 
 
 def set_state(driver, mu, h):
@@ -383,41 +381,7 @@ def _group_of(opt, p):
     return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
 
 
-def random_leaves(seed, shapes, dtype=np.float32, h_scale=1e-2):
-    """theta, g, m, h dicts: h has negative entries (Hutchinson-like) and exact zeros."""
-    rng = np.random.default_rng(seed)
-    out = ({}, {}, {}, {})
-    for i, shape in enumerate(shapes):
-        theta, g, m = (rng.normal(size=shape) for _ in range(3))
-        h = rng.normal(size=shape) * h_scale
-        if h.size:
-            h.flat[:: max(h.size // 5, 1)] = 0.0
-            m.flat[1 :: max(h.size // 4, 2)] = 0.0
-        for d, x in zip(out, (theta, g, m, h)):
-            d[f"p{i}"] = x.astype(dtype)
-    return out
-
-
-def within_rounding(x, ref, *operands, n=2):
-    """|x - ref| <= n ulp of the largest operand: what a fused multiply-add can move."""
-    dtype = np.asarray(ref).dtype
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    scale = np.abs(ref)
-    for o in operands:
-        scale = np.maximum(scale, np.abs(np.asarray(o, np.float64)))
-    spacing = np.spacing(scale.astype(dtype)).astype(np.float64)
-    return bool(np.all(np.abs(x - ref) <= n * spacing))
-
-
 # ----------------------------------------------------------------------------- complex
-
-
-def real_view(x):
-    """A complex array as real pairs of shape ``x.shape + (2,)`` (torch's ``view_as_real``)."""
-    x = np.array(x)  # a C-ordered copy
-    if not np.iscomplexobj(x):
-        return x
-    return x.reshape(-1).view(x.real.dtype).reshape(*x.shape, 2)
 
 
 def real_tree(tree):
@@ -464,11 +428,6 @@ class RealViewReference(Reference):
 # ----------------------------------------------------------------------------- low precision
 
 
-def _bits(x):
-    x = np.asarray(x)
-    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
 def through_param_dtype_update(theta, new):
     """What ``optax.apply_updates`` makes of sophia.jax's update of ``theta``'s dtype.
 
@@ -488,8 +447,8 @@ def through_param_dtype_update(theta, new):
         r0 = (pw + d0.astype(w)).astype(dt)
         d1 = np.nextafter(d0, np.where(r0.astype(w) < nw, w(np.inf), w(-np.inf)).astype(dt))
         r1 = (pw + d1.astype(w)).astype(dt)
-    hit0 = (_bits(r0) == _bits(new)) | np.isnan(nw)
-    hit1 = _bits(r1) == _bits(new)
+    hit0 = (bits(r0) == bits(new)) | np.isnan(nw)
+    hit1 = bits(r1) == bits(new)
     return np.where(hit0 | ~hit1, r0, r1).astype(dt)
 
 
@@ -509,5 +468,5 @@ class ParamDtypeReference(Reference):
         super().step(grads)
         for n, t in old.items():
             out = through_param_dtype_update(t, self.p[n])
-            self.misses += int(np.count_nonzero(_bits(out) != _bits(self.p[n])))
+            self.misses += int(np.count_nonzero(bits(out) != bits(self.p[n])))
             self.p[n] = out

@@ -151,7 +151,7 @@ class MLP:
 
 def case(name):
     """(problem, groups, steps, k) of a named long run."""
-    from crossref import BF16, group
+    from tests.cross.crossref import BF16, group
 
     if name == "least-squares":
         prob = LeastSquares()

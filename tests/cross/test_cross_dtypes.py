@@ -9,21 +9,22 @@ holds"; tests/jax/test_jax_dtypes.py measures the steps beyond).
 """
 
 import numpy as np
-import problems
 import pytest
-from crossref import (
+
+from tests.cross import problems
+from tests.cross.crossref import (
     BF16,
     JaxDriver,
     RealViewReference,
     Reference,
     TorchDriver,
     group,
-    random_leaves,
     real_tree,
     run,
     set_state,
     tree_ulp,
 )
+from tests.helpers import random_leaves
 
 EXACT = ["jax", "torch-loop", "torch-foreach", "torch-fused"]
 

@@ -26,10 +26,10 @@ import numpy as np
 import optax
 import pytest
 import torch
-from crossref import rel_diff
 
 import sophia.jax as sj
 from sophia.torch import SophiaG
+from tests.cross.crossref import rel_diff
 
 N, D, C, STEPS = 8, 4, 3, 10
 # b2 well below 1 and rho large enough that about half the coordinates are not
@@ -88,16 +88,17 @@ def run_jax_builtin(k, jit=False):
 
 
 def run_jax_by_hand(k, labels):
-    """The rule written out: update_hessian at t % k == 0 on the pre-update parameters."""
+    """The rule written out: update(..., hessian=) at t % k == 0 on the pre-update parameters."""
     tx = sj.sophia_g(HP["lr"], HP["b1"], HP["b2"], HP["rho"], HP["weight_decay"], bs=HP["bs"],
                      hessian_update_interval=None)  # fmt: skip
     p = {n: jnp.asarray(v) for n, v in P0.items()}
     s, traj = tx.init(p), []
     for t in range(STEPS):
+        refresh = {}
         if t % k == 0:
             h_hat = sj.gnb(p, jax.random.PRNGKey(0), logits_fn=logits_fn, labels=labels[t])
-            s = sj.update_hessian(s, h_hat)
-        u, s = tx.update(jax.grad(loss_fn)(p), s, p)
+            refresh["hessian"] = h_hat
+        u, s = tx.update(jax.grad(loss_fn)(p), s, p, **refresh)
         p = optax.apply_updates(p, u)
         traj.append(_snapshot(p, s[0].hessian))
     return traj

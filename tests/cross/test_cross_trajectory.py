@@ -7,34 +7,22 @@ they keep receiving identical inputs, and any difference is the optimizer's.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-import problems
 import pytest
-from crossref import (
+
+from tests.cross import problems
+from tests.cross.crossref import (
     JaxDriver,
     ParamDtypeReference,
     Reference,
     TorchDriver,
     rel_diff,
-    run,
+    trace,
     tree_rel,
     tree_ulp,
 )
-
-
-def _trace(driver, prob, steps, k):
-    snaps, rates = [], []
-
-    def record(t, d):
-        snaps.append((d.params(), d.mu(), d.hessian()))
-        rates.append(tuple(d.win_rates()))
-
-    rhos = run(driver, prob.params0, prob.grad, prob.hhat, steps, k, record)
-    return snaps, rates, rhos
-
+from tests.helpers import run_module
 
 CASES = ["least-squares", "logistic-maximize", "mlp-groups", "least-squares-bf16"]
 # Op-by-op JAX dispatches every primitive on its own (~10 ms a step here), so it runs
@@ -46,12 +34,12 @@ OP_BY_OP_STEPS = 100
 @pytest.mark.parametrize("case", CASES)
 def test_long_run_trajectories_are_identical(case, cross_report):
     prob, groups, steps, k = problems.case(case)
-    ref = torch_ref = _trace(Reference(prob.params0, groups), prob, steps, k)
+    ref = torch_ref = trace(Reference(prob.params0, groups), prob, steps, k)
     # sophia.jax returns bfloat16 updates for bfloat16 parameters: JAX is held to the spec
     # taken through that update (the spec's value wherever an update can reach it)
     jax_ref = ref
     if any(v.dtype.itemsize == 2 for v in prob.params0.values()):
-        jax_ref = _trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)
+        jax_ref = trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)
     drivers = {"jax": JaxDriver(prob.params0, groups)}
     for mode in ("loop", "foreach", "fused"):
         drivers[f"torch-{mode}"] = TorchDriver(prob.params0, groups, mode)
@@ -64,7 +52,7 @@ def test_long_run_trajectories_are_identical(case, cross_report):
     for name, d in drivers.items():
         n = min(OP_BY_OP_STEPS, steps) if name == "jax" else steps
         ref = jax_ref if name.startswith("jax") else torch_ref
-        snaps, rates, rhos = _trace(d, prob, n, k)
+        snaps, rates, rhos = trace(d, prob, n, k)
         ulps = [max(tree_ulp(a, b) for a, b in zip(s, r)) for s, r in zip(snaps, ref[0])]
         rels = [tree_rel(s[0], r[0]) for s, r in zip(snaps, ref[0])]
         tag = f"{case} {n} steps k={k}: theta,m,h every step"
@@ -99,14 +87,7 @@ def test_jitted_long_runs_without_fma_are_identical(cross_report):
     (a known issue in sophia.jax, reported; recorded here, not asserted).
     """
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX")
-    script = os.path.join(os.path.dirname(__file__), "cross_nofma.py")
-    out = subprocess.run(
-        [sys.executable, script, *CASES, "logistic:builtin"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    out = run_module("tests.cross.cross_nofma", *CASES, "logistic:builtin", env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     dynamic = {"least-squares", "mlp-groups", "least-squares-bf16"}

@@ -19,9 +19,10 @@ themselves are always bit-identical.
 
 from __future__ import annotations
 
-import distworker as W
 import pytest
 import torch
+
+from tests.distributed import distworker as W
 
 #: Bound on |a - b| / max|b| per tensor between a distributed run and the single process.
 REL_TOL = 4e-6

@@ -1,6 +1,6 @@
 """Multi-device checks of sophia.jax, run in a subprocess with 8 virtual CPU devices.
 
-``python multidevice_checks.py`` must be started with
+``python -m tests.jax.multidevice_checks`` must be started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (test_jax_sharding.py does
 that), so the rest of the suite keeps its single device. Each check prints
 ``ok <name>``; any failure raises.

@@ -15,10 +15,10 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from jaxref import random_state
 
 import sophia.jax as sj
 from sophia import spec
+from tests.helpers import bits, random_state, real_view
 
 STRICT = "--xla_cpu_max_isa=AVX" in os.environ.get("XLA_FLAGS", "")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -32,17 +32,6 @@ def _tx(**over):
         kw["lr"], kw["b1"], 0.95, kw["rho"], kw["weight_decay"], bs=kw["bs"], eps=kw["eps"],
         hessian_update_interval=None, maximize=kw.get("maximize", False),
     )  # fmt: skip
-
-
-def _bits(x):
-    x = np.asarray(x)
-    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
-def _real_view(x):
-    """A complex NumPy array as real pairs (torch's view_as_real)."""
-    x = np.array(x)  # a C-ordered copy
-    return x.reshape(-1).view(x.real.dtype).reshape(*x.shape, 2)
 
 
 def _complex_leaves(seed, dtype):
@@ -97,15 +86,15 @@ def test_complex_step_is_the_spec_on_the_real_view(dtype, maximize):
         for (t, g, m, h), ui, p, mu in zip(leaves, u, new_p, state[0].mu):
             assert ui.dtype == p.dtype == mu.dtype == dtype
             t_ref, m_ref, w = spec.sophia_update(
-                *(_real_view(x) for x in (t, g, m, h)), maximize=maximize, **HP
+                *(real_view(x) for x in (t, g, m, h)), maximize=maximize, **HP
             )
-            np.testing.assert_array_equal(_bits(_real_view(np.asarray(p))), _bits(t_ref))
-            np.testing.assert_array_equal(_bits(_real_view(np.asarray(mu))), _bits(m_ref))
+            np.testing.assert_array_equal(bits(real_view(np.asarray(p))), bits(t_ref))
+            np.testing.assert_array_equal(bits(real_view(np.asarray(mu))), bits(m_ref))
             n_win += w
         n_real = 2 * sum(t.size for t, _, _, _ in leaves)
         part = np.float64 if dtype == np.complex128 else np.float32
         assert state[0].win_rate == spec.win_rate(n_win, n_real, part)
-        m_all = np.concatenate([_real_view(np.asarray(m)).ravel() for m in state[0].mu])
+        m_all = np.concatenate([real_view(np.asarray(m)).ravel() for m in state[0].mu])
         np.testing.assert_allclose(float(state[0].momentum_norm), np.linalg.norm(m_all), 1e-6)
 
 
@@ -115,20 +104,24 @@ def test_update_hessian_takes_complex_or_real_pair_estimates():
     params, state = _with_state(tx, leaves)
     rng = np.random.default_rng(2)
     est = [np.abs(rng.normal(size=(*t.shape, 2))).astype(np.float32) for t, _, _, _ in leaves]
-    as_complex = sj.update_hessian(state, [jnp.asarray(e.view(np.complex64)[..., 0]) for e in est])
-    as_pairs = sj.update_hessian(state, [jnp.asarray(e) for e in est])
+    def refresh(state, h_hat, params=params):
+        grads = jax.tree.map(jnp.zeros_like, params)  # the step leaves h as the refresh set it
+        return tx.update(grads, state, params, hessian=h_hat)[1]
+
+    as_complex = refresh(state, [jnp.asarray(e.view(np.complex64)[..., 0]) for e in est])
+    as_pairs = refresh(state, [jnp.asarray(e) for e in est])
     for (_, _, _, h), e, a, b in zip(leaves, est, as_complex[0].hessian, as_pairs[0].hessian):
-        ref = spec.hessian_ema(_real_view(h), e, 0.95)
+        ref = spec.hessian_ema(real_view(h), e, 0.95)
         assert a.dtype == b.dtype == np.complex64
-        np.testing.assert_array_equal(_bits(_real_view(np.asarray(a))), _bits(ref))
-        np.testing.assert_array_equal(_bits(_real_view(np.asarray(b))), _bits(ref))
-    h_all = np.concatenate([_real_view(np.asarray(h)).ravel() for h in as_pairs[0].hessian])
+        np.testing.assert_array_equal(bits(real_view(np.asarray(a))), bits(ref))
+        np.testing.assert_array_equal(bits(real_view(np.asarray(b))), bits(ref))
+    h_all = np.concatenate([real_view(np.asarray(h)).ravel() for h in as_pairs[0].hessian])
     np.testing.assert_allclose(float(as_pairs[0].hessian_norm), np.linalg.norm(h_all), 1e-6)
     with pytest.raises(ValueError, match=r"Invalid Hessian estimate: float32 of shape \(7,\)"):
-        sj.update_hessian(state, [jnp.asarray(np.abs(t.real)) for t, _, _, _ in leaves])
+        refresh(state, [jnp.asarray(np.abs(t.real)) for t, _, _, _ in leaves])
     real_state = tx.init(jnp.ones(3))
     with pytest.raises(ValueError, match="Invalid Hessian estimate: complex64"):
-        sj.update_hessian(real_state, jnp.ones(3, jnp.complex64))
+        refresh(real_state, jnp.ones(3, jnp.complex64), params=jnp.ones(3))
 
 
 def test_complex_misuse_is_refused():
@@ -199,9 +192,9 @@ def test_builtin_refresh_with_complex_params_matches_the_real_view():
     g = {"w": jnp.full_like(w, 0.01 - 0.02j)}
     _, s = tx.update(g, s, {"w": w}, logits_fn=logits_fn, labels=labels)
     h_hat = sj.gnb({"w": w}, jax.random.PRNGKey(0), logits_fn=logits_fn, labels=labels)["w"]
-    ref = spec.hessian_ema(np.zeros((4, 3, 2), np.float32), _real_view(np.asarray(h_hat)), 0.99)
+    ref = spec.hessian_ema(np.zeros((4, 3, 2), np.float32), real_view(np.asarray(h_hat)), 0.99)
     # the refresh runs compiled under lax.cond: the gradient's roundings may differ
-    np.testing.assert_allclose(_real_view(np.asarray(s[0].hessian["w"])), ref, rtol=1e-5)
+    np.testing.assert_allclose(real_view(np.asarray(s[0].hessian["w"])), ref, rtol=1e-5)
     assert np.all(ref[..., 1] > 0)
 
 
@@ -251,8 +244,8 @@ def test_updates_have_the_parameters_dtype_and_trace_under_cond(alias, dtype):
         return jax.lax.cond(pred, lambda: tx.update(grads, s, params, **extra)[0], lambda: params)
 
     direct, _ = step(state)
-    np.testing.assert_array_equal(_bits(maybe(True, state)["w"]), _bits(direct["w"]))
-    np.testing.assert_array_equal(_bits(maybe(False, state)["w"]), _bits(params["w"]))
+    np.testing.assert_array_equal(bits(maybe(True, state)["w"]), bits(direct["w"]))
+    np.testing.assert_array_equal(bits(maybe(False, state)["w"]), bits(params["w"]))
 
 
 def test_inject_hyperparams_schedules_and_mu_dtype_keep_the_parameters_dtype():
@@ -292,7 +285,7 @@ def test_bit_identical_low_precision_step_through_apply_updates(dtype, jit):
     for (t, g, m, h), ui, p in zip(leaves, u, new_p):
         assert ui.dtype == dtype
         t_ref, _, _ = spec.sophia_update(t, g, m, h, **HP)
-        np.testing.assert_array_equal(_bits(p), _bits(t_ref))
+        np.testing.assert_array_equal(bits(p), bits(t_ref))
 
 
 # ----------------------------------------------------------------------------- to_param_dtype
@@ -336,7 +329,7 @@ def test_to_param_dtype_reaches_every_reachable_target(dtype):
     with np.errstate(all="ignore"):
         target = (p.astype(np.float32) + d).astype(dtype)
     got = _apply(p, d)
-    ok = (_bits(got) == _bits(target)) | np.isnan(target.astype(np.float32)) | _flushed(target)
+    ok = (bits(got) == bits(target)) | np.isnan(target.astype(np.float32)) | _flushed(target)
     assert ok.all(), (p[~ok][:5], d[~ok][:5], target[~ok][:5], got[~ok][:5])
 
 
@@ -344,13 +337,13 @@ def _reachable(p, target, finite):
     """Per pair, whether any finite update of p's dtype (signed zeros included) gives target."""
     with np.errstate(all="ignore"):
         sums = (p.astype(np.float32)[:, None] + finite.astype(np.float32)[None, :]).astype(p.dtype)
-    return np.any(_bits(sums) == _bits(target)[:, None], axis=1)
+    return np.any(bits(sums) == bits(target)[:, None], axis=1)
 
 
 def _ulp(x):
     """The spacing above |x| in x's dtype."""
     a = np.abs(np.asarray(x))
-    up = (_bits(a) + 1).astype(_bits(a).dtype).view(a.dtype)
+    up = (bits(a) + 1).astype(bits(a).dtype).view(a.dtype)
     return up.astype(np.float64) - a.astype(np.float64)
 
 
@@ -372,7 +365,7 @@ def test_to_param_dtype_misses_only_unreachable_targets(dtype):
         ratio = np.append(ratio, np.inf)
     target = (p.astype(np.float32) + u).astype(dtype)
     got = _apply(p, u)
-    miss = _bits(got) != _bits(target)
+    miss = bits(got) != bits(target)
     assert not miss[ratio <= 0.5].any()
     assert miss[ratio > 0.5].any(), "the sample should reach the unreachable cases"
     idx = np.flatnonzero(miss)
@@ -383,8 +376,8 @@ def test_to_param_dtype_misses_only_unreachable_targets(dtype):
     big = np.maximum(np.abs(p[idx]).astype(np.float32), np.abs(target[idx]).astype(np.float32))
     assert np.all(err <= _ulp(big.astype(dtype))), "a miss beyond one ulp of max(|p|, |new|)"
     if dtype == np.float16:  # +0 - 1e-8 rounds to -0, which no update reaches from +0
-        assert _bits(target[-1]) == _bits(np.float16(-0.0)) and miss[-1]
-        assert _bits(got[-1]) == _bits(np.float16(0.0))
+        assert bits(target[-1]) == bits(np.float16(-0.0)) and miss[-1]
+        assert bits(got[-1]) == bits(np.float16(0.0))
 
 
 def test_xla_cpu_flushes_float32_subnormals():

@@ -1,8 +1,6 @@
 """sophia.jax against the NumPy reference of the spec, bit for bit."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +8,10 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from jaxref import random_state, reference_step
 
 import sophia.jax as sj
 from sophia import spec
+from tests.helpers import random_state, reference_step, run_module, ulp_diff, within_rounding
 
 # XLA:CPU contracts a*b+c into fused multiply-adds inside jit, with no per-computation
 # switch; only a global ISA cap without FMA turns it off. Op-by-op JAX is always
@@ -45,32 +43,6 @@ def _set_state(tx, leaves, mu_dtype=None):
     return params, (core,) + tuple(state[1:])
 
 
-def _within_rounding(x, ref, *operands):
-    """|x - ref| <= 2 ulp of the largest operand: what a fused multiply-add can move."""
-    dtype = np.asarray(ref).dtype
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    scale = np.abs(ref)
-    for o in operands:
-        scale = np.maximum(scale, np.abs(np.asarray(o, np.float64)))
-    spacing = np.spacing(scale.astype(dtype)).astype(np.float64)
-    return bool(np.all(np.abs(x - ref) <= 2 * spacing))
-
-
-def _ulp_diff(a, b):
-    """Largest distance in units in the last place between two same-dtype arrays."""
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.size == 0:
-        return 0
-    ints = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
-
-    def ordered(x):  # IEEE bit patterns on a monotonic integer line, -0 one below +0
-        i = x.view(ints).astype(object)
-        return np.where(i < 0, -(i & ((1 << (8 * a.dtype.itemsize - 1)) - 1)) - 1, i)
-
-    return int(np.max(np.abs(ordered(a) - ordered(b))))
-
-
 def _check(ref, leaves, new_p, new_mu, exact, hp=HP):
     """New parameters and momenta against the reference.
 
@@ -82,16 +54,16 @@ def _check(ref, leaves, new_p, new_mu, exact, hp=HP):
     for (t, _, m, _), (t0, g, m0, h), p, mu in zip(ref, leaves, new_p, new_mu):
         assert p.dtype == t.dtype and mu.dtype == m.dtype and p.shape == t.shape
         if exact:
-            assert _ulp_diff(p, t) == 0, "parameters differ from the spec"
-            assert _ulp_diff(mu, m) == 0, "momentum differs from the spec"
+            assert ulp_diff(p, t) == 0, "parameters differ from the spec"
+            assert ulp_diff(mu, m) == 0, "momentum differs from the spec"
             continue
-        assert _within_rounding(mu, m, m0, g), "momentum beyond FMA rounding"
+        assert within_rounding(mu, m, m0, g), "momentum beyond FMA rounding"
         # b1 = 0 makes the spec's momentum equal to the given "gradient", mu itself.
         kw = {k: v for k, v in hp.items() if k != "b1"}
         t_given_mu, _, _ = spec.sophia_update(
             t0, np.asarray(mu), np.zeros_like(m0), h, b1=0.0, **kw
         )
-        assert _within_rounding(p, t_given_mu, t0, hp["lr"]), "parameters beyond FMA rounding"
+        assert within_rounding(p, t_given_mu, t0, hp["lr"]), "parameters beyond FMA rounding"
 
 
 @pytest.mark.parametrize("maximize", [False, True])
@@ -370,10 +342,9 @@ def test_diagnostics_on_a_chain_state():
 def test_jit_is_bit_identical_when_fma_contraction_is_off():
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX")
     dtypes_tests = os.path.join(os.path.dirname(__file__), "test_jax_dtypes.py")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, dtypes_tests,
-         "-k", "bit_identical or trajectory or low_precision"],
-        capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__),
+    out = run_module(
+        "pytest", "-q", "-p", "no:cacheprovider", __file__, dtypes_tests,
+        "-k", "bit_identical or trajectory or low_precision", env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout

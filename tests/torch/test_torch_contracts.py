@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torchref import PATHS, path_param, same
 
 from sophia import spec
 from sophia.torch import (
@@ -24,6 +23,7 @@ from sophia.torch import (
     SophiaG,
     SophiaGWarning,
 )
+from tests.torch.torchref import PATHS, path_param, same
 
 GROUP_KEYS = ("group_step", "group_rho", "group_win_rate")
 

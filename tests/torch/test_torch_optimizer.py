@@ -7,21 +7,21 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torchref import (
+
+import sophia
+from sophia import spec
+from sophia.torch import SophiaG
+from tests.helpers import random_state
+from tests.torch.torchref import (
     HP,
     PATHS,
     make_optimizer_with_state,
     path_param,
-    random_state,
     ref_update,
     reference_kwargs,
     same,
     t,
 )
-
-import sophia
-from sophia import spec
-from sophia.torch import SophiaG
 
 
 def _params(*shapes, dtype=torch.float32):

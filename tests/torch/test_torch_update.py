@@ -5,7 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from torchref import (
+
+from sophia import spec
+from sophia.torch import SophiaG, hessian_ema, sophia_g
+from tests.helpers import random_state
+from tests.torch.torchref import (
     HP,
     PATHS,
     SHAPES,
@@ -14,15 +18,11 @@ from torchref import (
     n,
     path_env,
     path_param,
-    random_state,
     ref_update,
     reference_kwargs,
     same,
     t,
 )
-
-from sophia import spec
-from sophia.torch import SophiaG, hessian_ema, sophia_g
 
 DTYPES = [np.float32, np.float64]
 

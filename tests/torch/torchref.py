@@ -1,4 +1,4 @@
-"""Shared helpers of the torch tests (imported by name; pytest puts this folder on sys.path)."""
+"""What the torch tests share beyond tests.helpers: kernels, tensor copies, a reference."""
 
 import contextlib
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sophia import spec
+from tests.helpers import identical
 
 #: The three implementations, as SophiaG / sophia_g keyword arguments. On CPU the
 #: fused path has two kernels: "fused" is the native one, "fused_compiled" the
@@ -29,22 +30,20 @@ def path_env(path):
         yield
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: the tensors here are tiny, and CI boxes are small and shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 SHAPES = [(), (0,), (3, 0), (1,), (7,), (4, 5), (2, 3, 4), (129,), (33, 17)]
 
 TORCH = {np.float32: torch.float32, np.float64: torch.float64}
-
-
-def random_state(seed, shapes, dtype=np.float32, h_scale=1e-3):
-    """theta, g, m, h as NumPy arrays: h has negative entries (Hutchinson-like) and zeros."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for shape in shapes:
-        theta, g, m = (np.asarray(rng.normal(size=shape)) for _ in range(3))
-        h = np.asarray(rng.normal(size=shape) * h_scale)
-        if h.size:
-            h.flat[:: max(h.size // 5, 1)] = 0.0
-        out.append(tuple(np.asarray(x, dtype=dtype) for x in (theta, g, m, h)))
-    return out
 
 
 def t(a, dtype=None):
@@ -63,14 +62,7 @@ def n(x):
 
 def same(a, b):
     """Exact equality, arrays or tensors: NaN == NaN, and -0 != +0 (the sign bit counts)."""
-    a = n(a) if isinstance(a, torch.Tensor) else np.asarray(a)
-    b = n(b) if isinstance(b, torch.Tensor) else np.asarray(b)
-    if not (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)):
-        return False
-    if not np.issubdtype(a.dtype, np.floating):
-        return True
-    numbers = ~np.isnan(a)
-    return np.array_equal(np.signbit(a[numbers]), np.signbit(b[numbers]))
+    return identical(*(n(x) if isinstance(x, torch.Tensor) else x for x in (a, b)))
 
 
 def ref_update(theta, g, m, h, storage=None, **kw):

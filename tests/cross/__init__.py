@@ -1,0 +1,1 @@
+"""The implementations against each other and the spec, fed identical inputs."""

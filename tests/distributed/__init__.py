@@ -1,0 +1,1 @@
+"""SophiaG under torch.distributed (DDP, FSDP2) on CPU."""

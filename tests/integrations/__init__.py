@@ -1,0 +1,1 @@
+"""The framework integrations: Transformers, Lightning, Flax."""

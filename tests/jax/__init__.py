@@ -1,0 +1,1 @@
+"""sophia.jax against the spec, optax and itself."""

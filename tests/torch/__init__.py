@@ -1,0 +1,1 @@
+"""sophia.torch against the spec and torch.optim's contracts."""
