@@ -2,377 +2,215 @@
 
 Run as ``./dev bench step_time`` or ``.venv/bin/python benchmarks/step_time.py``.
 
-One run measures, interleaved round-robin so that background load hits every
-variant alike:
+One run times, interleaved (:func:`harness.timing.interleave`):
 
 * ``sophia_g``: :func:`sophia.jax.sophia_g` with ``hessian_update_interval=None``,
   a jitted ``update`` + :func:`optax.apply_updates` with donated params and
   state, i.e. a plain step (no Hessian refresh);
 * ``sophia_g_fast``: the same with ``step_diagnostics=False`` (the win rate and
   momentum norm are computed at Hessian refreshes instead of every step);
-* ``sophia_g_refresh``: the same step preceded, inside the same jit, by
-  :func:`sophia.jax.update_hessian` with a fixed ``h_hat`` argument, so the
-  refresh (EMA + Hessian norm) is timed and the estimator's cost is not;
+* ``sophia_g_refresh``: the same step given a fixed estimate
+  (``update(..., hessian=h_hat)``), so the step's refresh (EMA + Hessian norm)
+  is timed and the estimator's cost is not;
 * ``sophia_g_interval``: ``hessian_update_interval=2**30`` with an estimator that
   returns a fixed ``h_hat`` from the extra arguments: only the first (warm-up)
-  step refreshes, the timed steps are non-refresh steps of the built-in path
-  (they show the cost of its ``lax.cond``);
+  step refreshes, the timed steps are non-refresh steps of the built-in path;
 * ``adamw``: :func:`optax.adamw` under the same conditions;
 * ``optax_contrib_sophia``: :func:`optax.contrib.sophia` with
   ``update_interval=2**30`` and a ``hessian_diagonal_fn`` that returns a fixed
-  ``h_hat`` (its refresh branch has to be traceable; the default Hutchinson
-  estimator, ``--contrib-hutchinson``, takes ~40 s to compile and is not what
-  is timed): only the first (warm-up) step refreshes, the timed steps are its
+  ``h_hat`` (its refresh branch has to be traceable; its default Hutchinson
+  estimator, ``--contrib-hutchinson``, is slow to compile and not what is
+  timed): only the first (warm-up) step refreshes, the timed steps are its
   plain steps;
-* a memory-bandwidth floor: the bytes a SophiaG step must move (read theta, g,
-  m, h; write theta, m: ``6 * 4 * N`` bytes for N float32 parameters) divided
-  by the best streaming bandwidth measured in this run by jitted in-place
-  kernels over flat float32 arrays of N elements (scale, add, triad and a
-  3-read-1-write kernel; logical bytes, best of the repeats, the fastest
-  kernel wins, so the floor is the lowest one).
+* the bandwidth floor (:mod:`harness.floor`): SophiaG's ``6 * 4 * N`` bytes at
+  the best streaming bandwidth of jitted in-place kernels over flat float32
+  arrays of N elements (scale, add, triad and a 3-read-1-write kernel).
 
 Every figure is the median and the minimum over ``--repeats`` timed calls after
 ``--warmup`` untimed ones, each call ended by ``block_until_ready``, in wall
-time and in this process's CPU time (all threads; less sensitive to other
-processes taking the cores, though not to them taking memory bandwidth); the
-load average at the start and the end is recorded. Results go to
-``benchmarks/results/step_time.json``. ``--small`` runs the same 148 tensors
-at 1/16 of the parameters (width, vocabulary and context divided by 4) for a
-smoke test.
+time and in this process's CPU time; the load average at the start and the end
+is recorded. Results go to ``benchmarks/results/step_time.json``. ``--small``
+times the 148 tensors of :func:`harness.shapes.gpt2_small` at its small size,
+the same model ``step_time_torch.py --small`` times.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from harness import floor, shapes  # noqa: E402
+from harness.jax_step import Case, optimizer_step, random_trees  # noqa: E402
+from harness.machine import host_info  # noqa: E402
+from harness.output import fmt, write_json  # noqa: E402
+from harness.stats import describe  # noqa: E402
+from harness.timing import interleave  # noqa: E402
+
 import sophia.jax as sj  # noqa: E402
-from sophia.demo.machine import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 LR = 1e-4
 WD = 0.1
+BS = 5120
 HUGE_INTERVAL = 2**30
+TARGETS = {"sophia_over_adamw": 0.75, "sophia_over_floor": 1.15}
+#: Streaming kernels over flat float32 arrays a, b, c, in place into the donated ``a``:
+#: the function, its logical bytes per element, what it does.
+_S = jnp.float32(0.999)
+KERNELS: dict[str, tuple[Callable[..., Any], float, str]] = {
+    "bw_scale": (lambda a, b, c: a * _S, 8.0, "a <- s*a"),
+    "bw_add": (lambda a, b, c: a + b, 12.0, "a <- a + b"),
+    "bw_triad": (lambda a, b, c: b + _S * c, 12.0, "a <- b + s*c"),
+    "bw_3r1w": (lambda a, b, c: a + _S * b + _S * c, 16.0, "a <- a + s*b + s*c"),
+}
 
 
-def gpt2_shapes(div: int = 1) -> dict[str, tuple[int, ...]]:
-    """GPT-2 small (lm_head tied to wte): 148 tensors, 124,439,808 parameters.
+def machine() -> dict[str, Any]:
+    """:func:`harness.machine.host_info` with JAX's device and versions."""
+    import jaxlib
 
-    ``div`` divides the model width, vocabulary and context by ``sqrt(div)``
-    (rounded), so the parameter count shrinks by about ``div`` and the tensor
-    count stays 148.
-    """
-    f = int(round(div**0.5))
-    d, vocab, ctx, layers = 768 // f, 50257 // f, 1024 // f, 12
-    shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, d), "wpe": (ctx, d)}
-    for i in range(layers):
-        p = f"h.{i}."
-        shapes.update(
-            {
-                p + "ln_1.w": (d,),
-                p + "ln_1.b": (d,),
-                p + "attn.c_attn.w": (d, 3 * d),
-                p + "attn.c_attn.b": (3 * d,),
-                p + "attn.c_proj.w": (d, d),
-                p + "attn.c_proj.b": (d,),
-                p + "ln_2.w": (d,),
-                p + "ln_2.b": (d,),
-                p + "mlp.c_fc.w": (d, 4 * d),
-                p + "mlp.c_fc.b": (4 * d,),
-                p + "mlp.c_proj.w": (4 * d, d),
-                p + "mlp.c_proj.b": (d,),
-            }
-        )
-    shapes["ln_f.w"] = (d,)
-    shapes["ln_f.b"] = (d,)
-    return shapes
-
-
-def random_tree(shapes: dict[str, tuple[int, ...]], seed: int, scale: float, positive: bool):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-    out = {}
-    for k, (name, shape) in zip(keys, shapes.items()):
-        x = jax.random.normal(k, shape, jnp.float32) * jnp.float32(scale)
-        out[name] = jnp.abs(x) if positive else x
-    return jax.block_until_ready(out)
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu_model": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
-        "device": str(jax.devices()[0]),
-        "platform": jax.devices()[0].platform,
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # noqa: BLE001
-        return None
-
-
-class Case:
-    """A jitted step timed call by call, on named buffers of a shared pool.
-
-    The donated buffers named in ``donate`` are replaced in the pool by the
-    step's outputs (in that order), so cases that share a buffer (the SophiaG
-    variants share parameters and state, the kernels their arrays) keep the
-    benchmark's memory to a few copies of the model.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[..., Any],
-        pool: dict[str, Any],
-        names: list[str],
-        donate: list[str],
-        bytes_moved: float | None = None,
-        note: str = "",
-    ):
-        self.name, self.pool, self.names, self.donate = name, pool, names, donate
-        self.bytes_moved, self.note = bytes_moved, note
-        t0 = time.perf_counter()
-        argnums = tuple(i for i, k in enumerate(names) if k in donate)
-        jitted = jax.jit(fn, donate_argnums=argnums, keep_unused=True)
-        self.compiled = jitted.lower(*[pool[k] for k in names]).compile()
-        self.compile_s = time.perf_counter() - t0
-        entry = self.compiled.as_text().split("\nENTRY ", 1)[-1]
-        self.fusions = entry.count(" fusion(")
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        print(f"  compiled {name} in {self.compile_s:.1f} s", file=sys.stderr, flush=True)
-
-    def call(self) -> tuple[float, float]:
-        """Runs one step: ``(wall seconds, CPU seconds of this process, all threads)``."""
-        args = [self.pool[k] for k in self.names]
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = self.compiled(*args)
-        jax.block_until_ready(out)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        outs = out if isinstance(out, tuple) else (out,)
-        for k, v in zip(self.donate, outs):
-            self.pool[k] = v
-        return dt, dc
-
-    def summary(self) -> dict[str, Any]:
-        t, c = self.times, self.cpu_times
-        d: dict[str, Any] = {
-            "median_ms": 1e3 * statistics.median(t),
-            "min_ms": 1e3 * min(t),
-            "max_ms": 1e3 * max(t),
-            "cpu_median_ms": 1e3 * statistics.median(c),
-            "cpu_min_ms": 1e3 * min(c),
-            "repeats": len(t),
-            "compile_s": self.compile_s,
-            "entry_fusions": self.fusions,
-            "note": self.note,
-        }
-        if self.bytes_moved is not None:
-            d["bytes"] = self.bytes_moved
-            d["best_GBps"] = self.bytes_moved / min(t) / 1e9
-            d["median_GBps"] = self.bytes_moved / statistics.median(t) / 1e9
-        return d
-
-
-def optimizer_step(tx: optax.GradientTransformation, **extra: Any):
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    return step
+    info = host_info()
+    info["cpu_model"] = info.pop("cpu")  # this record's field name
+    info.update(
+        device=str(jax.devices()[0]),
+        device_platform=jax.devices()[0].platform,
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        optax=optax.__version__,
+    )
+    return info
 
 
 def build_cases(
-    shapes: dict[str, tuple[int, ...]], only: set[str] | None, contrib_hutchinson: bool
-) -> tuple[list[Case], int]:
-    """The variants, on one pool of buffers.
+    table: shapes.Shapes, only: set[str] | None, contrib_hutchinson: bool
+) -> tuple[dict[str, Case], dict[str, str], int]:
+    """The variants on one pool of buffers: ``(cases, their notes, N)``.
 
     One set of parameters, gradients and ``h_hat``; one SophiaG state shared by
-    three of its variants (``sophia_g_fast`` has its own); AdamW's and
-    optax.contrib.sophia's states; three flat arrays for the kernels: about 14
-    copies of the model in all. The timing
-    does not depend on the values as long as they stay normal numbers.
+    three of its variants (``sophia_g_fast`` has its own: ``step_diagnostics``
+    is part of the state's structure); AdamW's and optax.contrib.sophia's
+    states; three flat arrays for the kernels.
     """
-    n = sum(int(np.prod(s)) for s in shapes.values())
-    pool: dict[str, Any] = {
-        "params": random_tree(shapes, 1, 0.02, False),
-        "grads": random_tree(shapes, 2, 1e-3, False),
-        "h_hat": random_tree(shapes, 3, 1e-6, True),
-    }
-    tx = sj.sophia_g(LR, weight_decay=WD, hessian_update_interval=None)
+    n = shapes.n_params(table)
+    trees = random_trees(table, (0.02, 1e-3, 1e-6), nonnegative=(False, False, True))
+    pool: dict[str, Any] = dict(zip(("params", "grads", "h_hat"), trees))
+    del trees
+    step_args = ["params", "sophia_state", "grads"]
+    with_h_hat = [*step_args, "h_hat"]
+    notes: dict[str, str] = {}
 
-    def sophia_state() -> None:
-        if "sophia_state" not in pool:
-            pool["sophia_state"] = jax.jit(sj.update_hessian)(
-                tx.init(pool["params"]), pool["h_hat"]
-            )
+    def sophia(**kw: Any) -> optax.GradientTransformationExtraArgs:
+        return sj.sophia_g(LR, weight_decay=WD, bs=BS, **{"hessian_update_interval": None, **kw})
+
+    def state(key: str, tx: optax.GradientTransformationExtraArgs) -> None:
+        # after one step that refreshed: a Hessian EMA that is not all zeros
+        def first(p: Any, g: Any, h: Any) -> Any:
+            return tx.update(g, tx.init(p), p, hessian=h)[1]
+
+        if key not in pool:
+            pool[key] = jax.jit(first)(pool["params"], pool["grads"], pool["h_hat"])
+
+    tx = sophia()
 
     def sophia_plain() -> Case:
-        # Manual refresh mode: no lax.cond in the step.
-        sophia_state()
-        return Case(
-            "sophia_g",
-            optimizer_step(tx),
-            pool,
-            ["params", "sophia_state", "grads"],
-            ["params", "sophia_state"],
-            note="sophia.jax.sophia_g(hessian_update_interval=None): plain step, no refresh",
-        )
+        state("sophia_state", tx)
+        notes["sophia_g"] = "sophia.jax.sophia_g(hessian_update_interval=None): plain step"
+        return Case("sophia_g", optimizer_step(tx), pool, step_args, step_args[:2])
 
     def sophia_fast() -> Case:
-        tx_f = sj.sophia_g(
-            LR, weight_decay=WD, hessian_update_interval=None, step_diagnostics=False
+        tx_fast = sophia(step_diagnostics=False)
+        state("fast_state", tx_fast)
+        notes["sophia_g_fast"] = (
+            "sophia_g(..., step_diagnostics=False): plain step, win rate and momentum norm "
+            "left to the refreshes"
         )
-        # its own state: step_diagnostics is part of the state's pytree structure
-        pool["fast_state"] = jax.jit(sj.update_hessian)(tx_f.init(pool["params"]), pool["h_hat"])
-        return Case(
-            "sophia_g_fast",
-            optimizer_step(tx_f),
-            pool,
-            ["params", "fast_state", "grads"],
-            ["params", "fast_state"],
-            note="sophia_g(..., step_diagnostics=False): plain step, win rate and momentum "
-            "norm left to the refreshes",
-        )
+        args = ["params", "fast_state", "grads"]
+        return Case("sophia_g_fast", optimizer_step(tx_fast), pool, args, args[:2])
 
     def sophia_refresh() -> Case:
-        def refresh_step(params, state, grads, hh):
-            state = sj.update_hessian(state, hh)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+        def refresh_step(params: Any, st: Any, grads: Any, hh: Any) -> tuple[Any, Any]:
+            return optimizer_step(tx, hessian=hh)(params, st, grads)
 
-        sophia_state()
-        return Case(
-            "sophia_g_refresh",
-            refresh_step,
-            pool,
-            ["params", "sophia_state", "grads", "h_hat"],
-            ["params", "sophia_state"],
-            note="update_hessian(state, fixed h_hat) + plain step in one jit "
-            "(EMA and Hessian norm timed, estimator excluded)",
+        state("sophia_state", tx)
+        notes["sophia_g_refresh"] = (
+            "update(..., hessian=fixed h_hat): a step that refreshes "
+            "(EMA and Hessian norm timed, estimator excluded)"
         )
+        return Case("sophia_g_refresh", refresh_step, pool, with_h_hat, step_args[:2])
 
     def sophia_interval() -> Case:
-        def fixed_estimator(params, key, *, h_hat=None, **_):
+        def fixed_estimator(params: Any, key: Any, *, h_hat: Any = None, **_: Any) -> Any:
             return h_hat
 
-        tx_i = sj.sophia_g(
-            LR, weight_decay=WD, hessian_update_interval=HUGE_INTERVAL, estimator=fixed_estimator
+        tx_i = sophia(hessian_update_interval=HUGE_INTERVAL, estimator=fixed_estimator)
+        state("sophia_state", tx)  # the same structure as tx_i's, its step count past 0
+        notes["sophia_g_interval"] = (
+            f"hessian_update_interval={HUGE_INTERVAL}, estimator returning a fixed h_hat, "
+            "on the state of sophia_g (step count > 0): non-refresh steps of the built-in path"
         )
-        sophia_state()  # same state structure as tx's
-        return Case(
-            "sophia_g_interval",
-            lambda p, s, g, hh: optimizer_step(tx_i, h_hat=hh)(p, s, g),
-            pool,
-            ["params", "sophia_state", "grads", "h_hat"],
-            ["params", "sophia_state"],
-            note=f"hessian_update_interval={HUGE_INTERVAL}, estimator returning a fixed h_hat, "
-            "on the state of sophia_g (step count > 0): non-refresh steps through lax.cond",
-        )
+
+        def step(p: Any, s: Any, g: Any, hh: Any) -> tuple[Any, Any]:
+            return optimizer_step(tx_i, h_hat=hh)(p, s, g)
+
+        return Case("sophia_g_interval", step, pool, with_h_hat, step_args[:2])
 
     def adamw() -> Case:
         tx_a = optax.adamw(LR, weight_decay=WD)
         pool["adamw_state"] = tx_a.init(pool["params"])
-        return Case(
-            "adamw",
-            optimizer_step(tx_a),
-            pool,
-            ["params", "adamw_state", "grads"],
-            ["params", "adamw_state"],
-            note="optax.adamw(1e-4, weight_decay=0.1)",
-        )
+        notes["adamw"] = f"optax.adamw({LR}, weight_decay={WD})"
+        args = ["params", "adamw_state", "grads"]
+        return Case("adamw", optimizer_step(tx_a), pool, args, args[:2])
 
     def contrib() -> Case:
-        names = ["params", "contrib_state", "grads"]
+        args = ["params", "contrib_state", "grads"]
         if contrib_hutchinson:
 
-            def obj_fn(p):
+            def obj_fn(p: Any) -> jax.Array:
                 return sum(0.5 * jnp.vdot(x, x) for x in jax.tree.leaves(p))
 
             tx_c = optax.contrib.sophia(LR, weight_decay=WD, update_interval=HUGE_INTERVAL)
             what = "its default Hutchinson estimator (obj_fn: a quadratic)"
-
-            def step(p, s, g):
-                return optimizer_step(tx_c, obj_fn=obj_fn)(p, s, g)
-
+            step = optimizer_step(tx_c, obj_fn=obj_fn)
         else:
 
-            def fixed_diag(updates, state, params=None, *, h_hat=None, **_):
-                return h_hat, state
+            def fixed_diag(
+                updates: Any, st: Any, params: Any = None, *, h_hat: Any = None, **_: Any
+            ):
+                return h_hat, st
 
             diag = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), fixed_diag)
             tx_c = optax.contrib.sophia(
                 LR, weight_decay=WD, update_interval=HUGE_INTERVAL, hessian_diagonal_fn=diag
             )
             what = "a hessian_diagonal_fn returning a fixed h_hat"
-            names.append("h_hat")
+            args.append("h_hat")
 
-            def step(p, s, g, hh):
+            def step(p: Any, s: Any, g: Any, hh: Any) -> tuple[Any, Any]:
                 return optimizer_step(tx_c, h_hat=hh)(p, s, g)
 
         pool["contrib_state"] = tx_c.init(pool["params"])
-        return Case(
-            "optax_contrib_sophia",
-            step,
-            pool,
-            names,
-            ["params", "contrib_state"],
-            note=f"optax.contrib.sophia(update_interval={HUGE_INTERVAL}) with {what}: step 0 "
-            "(warm-up) refreshes, timed steps are plain steps",
+        notes["optax_contrib_sophia"] = (
+            f"optax.contrib.sophia(update_interval={HUGE_INTERVAL}) with {what}: step 0 "
+            "(warm-up) refreshes, timed steps are plain steps"
         )
-
-    # Streaming kernels over flat arrays of n float32, in place into the donated `a`.
-    def flat(name: str, seed: int) -> None:
-        if name not in pool:
-            pool[name] = jax.block_until_ready(jax.random.normal(jax.random.PRNGKey(seed), (n,)))
-
-    s = jnp.float32(0.999)
-    kernels = {
-        "bw_scale": (lambda a, b, c: a * s, 8.0, "a <- s*a"),
-        "bw_add": (lambda a, b, c: a + b, 12.0, "a <- a + b"),
-        "bw_triad": (lambda a, b, c: b + s * c, 12.0, "a <- b + s*c"),
-        "bw_3r1w": (lambda a, b, c: a + s * b + s * c, 16.0, "a <- a + s*b + s*c"),
-    }
+        return Case("optax_contrib_sophia", step, pool, args, args[:2])
 
     def kernel(name: str) -> Callable[[], Case]:
-        fn, nbytes, note = kernels[name]
-
         def build() -> Case:
             for i, k in enumerate("abc"):
-                flat(k, 10 + i)
-            return Case(name, fn, pool, ["a", "b", "c"], ["a"], nbytes * n, note)
+                if k not in pool:
+                    pool[k] = jax.random.normal(jax.random.PRNGKey(10 + i), (n,))
+            notes[name] = KERNELS[name][2]
+            return Case(name, KERNELS[name][0], pool, ["a", "b", "c"], ["a"])
 
         return build
 
@@ -383,18 +221,20 @@ def build_cases(
         "sophia_g_interval": sophia_interval,
         "adamw": adamw,
         "optax_contrib_sophia": contrib,
-        **{k: kernel(k) for k in kernels},
+        **{k: kernel(k) for k in KERNELS},
     }
-    if only:
-        unknown = only - builders.keys()
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(builders)}")
-    return [b() for k, b in builders.items() if not only or k in only], n
+    if only and only - builders.keys():
+        raise SystemExit(
+            f"unknown variants {sorted(only - builders.keys())}; known: {sorted(builders)}"
+        )
+    cases = {k: b() for k, b in builders.items() if not only or k in only}
+    return cases, notes, n
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Times the variants, writes the JSON and prints the table; returns the record."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="1/16 of the sizes (smoke test)")
+    ap.add_argument("--small", action="store_true", help="the small GPT-2 shapes (smoke test)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
@@ -407,47 +247,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     repeats = args.repeats or (5 if args.small else 15)
 
-    info = machine_info()
-    shapes = gpt2_shapes(16 if args.small else 1)
+    info = machine()
+    table = shapes.gpt2_small(args.small)
     only = {x for x in args.only.split(",") if x}
-    cases, n = build_cases(shapes, only or None, args.contrib_hutchinson)
-    for case in cases:
-        for _ in range(args.warmup):
-            case.call()
-    for _ in range(repeats):  # round-robin: background load hits every variant alike
-        for case in cases:
-            wall, cpu = case.call()
-            case.times.append(wall)
-            case.cpu_times.append(cpu)
+    cases, notes, n = build_cases(table, only or None, args.contrib_hutchinson)
+    samples = interleave(cases, repeats, warmup=args.warmup)
     info["loadavg_end"] = list(os.getloadavg())
 
-    res = {c.name: c.summary() for c in cases}
-    n_bytes = 6 * 4 * n
-    bw = {k: v for k, v in res.items() if k.startswith("bw_")}
-    floor: dict[str, Any] = {
-        "bytes": n_bytes,
+    res: dict[str, Any] = {}
+    for name, case in cases.items():
+        d = describe(samples.wall_ms[name], samples.cpu_ms[name])
+        d.update(compile_s=case.compile_s, entry_fusions=case.fusions, note=notes[name])
+        if name in KERNELS:
+            d["bytes"] = KERNELS[name][1] * n
+            bw = floor.bandwidth(d["bytes"], samples.wall_ms[name])
+            d.update(best_GBps=bw["best"] / 1e9, median_GBps=bw["median"] / 1e9)
+        res[name] = d
+    step_bytes = floor.SOPHIA_BYTES_PER_PARAM * n
+    floor_rec: dict[str, Any] = {
+        "bytes": step_bytes,
         "definition": "6 * 4 * N bytes (read theta, g, m, h; write theta, m) / best "
         "streaming bandwidth of the bw_* kernels in this run",
     }
-    if bw:
-        best = max(bw, key=lambda k: bw[k]["best_GBps"])
-        floor.update(
-            bandwidth_GBps=bw[best]["best_GBps"],
+    bw_names = [k for k in res if k in KERNELS]
+    if bw_names:
+        best = max(bw_names, key=lambda k: res[k]["best_GBps"])
+        floor_rec.update(
+            bandwidth_GBps=res[best]["best_GBps"],
             bandwidth_kernel=best,
-            ms=1e3 * n_bytes / (bw[best]["best_GBps"] * 1e9),
+            ms=floor.floor_ms(step_bytes, res[best]["best_GBps"] * 1e9),
         )
-    floor_case = {"median_ms": floor.get("ms"), "min_ms": floor.get("ms")}
 
     def ratio(a: str, b: str, stat: str) -> float | None:
         x = res.get(a, {}).get(stat)
-        y = floor_case[stat] if b == "floor" else res.get(b, {}).get(stat)
+        y = floor_rec.get("ms") if b == "floor" else res.get(b, {}).get(stat)
         return None if x is None or y is None else x / y
 
+    ratios = {
+        f"{label}_over_{den}_{stat}": ratio(num, den, f"{stat}_ms")
+        for label, num in (("sophia", "sophia_g"), ("sophia_fast", "sophia_g_fast"))
+        for den in ("adamw", "floor")
+        for stat in ("median", "min")
+    }
+    ratios.update(
+        sophia_refresh_over_plain_median=ratio("sophia_g_refresh", "sophia_g", "median_ms"),
+        sophia_interval_over_plain_median=ratio("sophia_g_interval", "sophia_g", "median_ms"),
+        contrib_sophia_over_adamw_median=ratio("optax_contrib_sophia", "adamw", "median_ms"),
+        adamw_over_floor_median=ratio("adamw", "floor", "median_ms"),
+        sophia_over_adamw_cpu_median=ratio("sophia_g", "adamw", "cpu_median_ms"),
+        sophia_over_adamw_cpu_min=ratio("sophia_g", "adamw", "cpu_min_ms"),
+    )
     out = {
         "machine": info,
         "model": {
-            "shapes": "gpt2-small/16" if args.small else "gpt2-small",
-            "tensors": len(shapes),
+            "shapes": "gpt2-small (small)" if args.small else "gpt2-small",
+            "tensors": len(table),
             "parameters": n,
             "dtype": "float32",
             "tied_lm_head": True,
@@ -457,41 +311,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "repeats": repeats,
             "lr": LR,
             "weight_decay": WD,
-            "order": "round-robin over variants, one timed call each per round",
+            "bs": BS,
+            "order": "interleaved: one timed call of each variant per round, rotating order",
         },
         "results": res,
-        "floor": floor,
-        "ratios": {
-            "sophia_over_adamw_median": ratio("sophia_g", "adamw", "median_ms"),
-            "sophia_over_adamw_min": ratio("sophia_g", "adamw", "min_ms"),
-            "sophia_over_floor_median": ratio("sophia_g", "floor", "median_ms"),
-            "sophia_over_floor_min": ratio("sophia_g", "floor", "min_ms"),
-            "sophia_fast_over_adamw_median": ratio("sophia_g_fast", "adamw", "median_ms"),
-            "sophia_fast_over_adamw_min": ratio("sophia_g_fast", "adamw", "min_ms"),
-            "sophia_fast_over_floor_median": ratio("sophia_g_fast", "floor", "median_ms"),
-            "sophia_fast_over_floor_min": ratio("sophia_g_fast", "floor", "min_ms"),
-            "sophia_refresh_over_plain_median": ratio("sophia_g_refresh", "sophia_g", "median_ms"),
-            "sophia_interval_over_plain_median": ratio(
-                "sophia_g_interval", "sophia_g", "median_ms"
-            ),
-            "contrib_sophia_over_adamw_median": ratio("optax_contrib_sophia", "adamw", "median_ms"),
-            "adamw_over_floor_median": ratio("adamw", "floor", "median_ms"),
-            "sophia_over_adamw_cpu_median": ratio("sophia_g", "adamw", "cpu_median_ms"),
-            "sophia_over_adamw_cpu_min": ratio("sophia_g", "adamw", "cpu_min_ms"),
-        },
-        "targets": {"sophia_over_adamw": 0.75, "sophia_over_floor": 1.15},
+        "floor": floor_rec,
+        "ratios": ratios,
+        "targets": TARGETS,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     report(out)
     return out
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def report(out: dict[str, Any]) -> None:
+    """Prints the machine, every variant's times, the floor and the ratios against the targets."""
     m, mod, r = out["machine"], out["model"], out["results"]
     print(
         f"machine: {m['cpu_model']}, {m['cpu_count']} cores ({m['usable_cores']} usable), "
@@ -502,7 +336,7 @@ def report(out: dict[str, Any]) -> None:
     print(
         f"model: {mod['shapes']}, {mod['tensors']} float32 tensors, {mod['parameters']:,} "
         f"parameters; {out['settings']['warmup']} warm-up + {out['settings']['repeats']} "
-        "timed calls each, round-robin"
+        "timed calls each, interleaved"
     )
     print(
         f"{'variant':22s} {'median ms':>10s} {'min ms':>10s} {'cpu med ms':>11s} "
@@ -518,26 +352,17 @@ def report(out: dict[str, Any]) -> None:
     if "ms" in f:
         print(
             f"{'floor':22s} {f['ms']:10.2f} {f['ms']:10.2f} {'':11s} {'':8s}  "
-            f"{f['bytes'] / 1e9:.3f} GB "
-            f"at {f['bandwidth_GBps']:.1f} GB/s ({f['bandwidth_kernel']})"
+            f"{f['bytes'] / 1e9:.3f} GB at {f['bandwidth_GBps']:.1f} GB/s ({f['bandwidth_kernel']})"
         )
-    print(
-        f"sophia/adamw  median {_fmt(q['sophia_over_adamw_median'])}  "
-        f"min {_fmt(q['sophia_over_adamw_min'])}  (target <= {t['sophia_over_adamw']})"
-    )
-    print(
-        f"sophia/floor  median {_fmt(q['sophia_over_floor_median'])}  "
-        f"min {_fmt(q['sophia_over_floor_min'])}  (target <= {t['sophia_over_floor']})"
-    )
-    for name in ("adamw", "floor"):
-        print(
-            f"sophia_fast/{name}  median {_fmt(q[f'sophia_fast_over_{name}_median'])}  "
-            f"min {_fmt(q[f'sophia_fast_over_{name}_min'])}  "
-            f"(target <= {t[f'sophia_over_{name}']})"
-        )
+    for label in ("sophia", "sophia_fast"):
+        for den in ("adamw", "floor"):
+            print(
+                f"{label}/{den}  median {fmt(q[f'{label}_over_{den}_median'])}  "
+                f"min {fmt(q[f'{label}_over_{den}_min'])}  (target <= {t[f'sophia_over_{den}']})"
+            )
     print(
         f"sophia/adamw in process CPU time (less sensitive to other processes): median "
-        f"{_fmt(q['sophia_over_adamw_cpu_median'])}  min {_fmt(q['sophia_over_adamw_cpu_min'])}"
+        f"{fmt(q['sophia_over_adamw_cpu_median'])}  min {fmt(q['sophia_over_adamw_cpu_min'])}"
     )
 
 

@@ -7,7 +7,7 @@ with fused multiply-adds) stays within the FMA bound. No timing threshold:
 only that every figure is there and is a number.
 """
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -29,11 +29,7 @@ TORCH_PATHS = ["torch-for-loop", "torch-foreach", "torch-fused"]
 def _module(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return mod
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -182,7 +178,7 @@ def test_tiny_budget_keeps_finished_units_and_marks_the_rest(tmp_path):
 
 
 def test_ulp_counts_bit_patterns():
-    ulp = _module("ulp")
+    ulp = _module("harness.ulp")
     f32 = np.float32
     assert ulp.ulp_diff(np.array([-0.0], f32), np.array([0.0], f32)) == 1
     assert ulp.ulp_diff(np.array([np.nan], f32), np.array([-np.nan], f32)) == 0
@@ -198,7 +194,7 @@ def test_ulp_counts_bit_patterns():
 
 
 def test_bfloat16_rounding_matches_torch():
-    ulp = _module("ulp")
+    ulp = _module("harness.ulp")
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(10_000) * 10.0 ** rng.uniform(-40, 38, 10_000)).astype(np.float32)
     # ties: the low 16 bits exactly half-way, with even and odd bfloat16 neighbours
@@ -214,7 +210,7 @@ def test_bfloat16_rounding_matches_torch():
 
 
 def test_ulps_of_operands_scale():
-    ulp = _module("ulp")
+    ulp = _module("harness.ulp")
     x = np.float32([1.0, 4.0])
     ref = np.float32([1.0, 4.0]) + np.float32([2**-23, 0.0])
     # one ulp of 1.0 off, measured against an operand of 2.0: half an ulp of the operand
@@ -223,7 +219,7 @@ def test_ulps_of_operands_scale():
 
 
 def test_summarize_times_floor_math():
-    gc = _module("gpu_check")
+    gc = _module("gpu.step_variants")
     n = 1000
     times = {"copy": [2.0, 1.0, 3.0], "sophia": [6.0, 7.0, 5.0], "adamw": [14.0, 14.0, 14.0]}
     res = gc.summarize_times(times, n, {"sophia": 24, "adamw": 28})
@@ -234,12 +230,12 @@ def test_summarize_times_floor_math():
     assert sophia["floor_ms"] == pytest.approx(24 * n / bandwidth * 1e3)  # 3x the copy
     assert sophia["over_floor"] == pytest.approx(6.0 / 6.0)
     assert res["variants"]["adamw"]["over_floor"] == pytest.approx(14.0 / 7.0)
-    r = gc.ratio(times, "sophia", "adamw")
+    r = _module("harness.stats").ratio(times["sophia"], times["adamw"])
     assert r["of_medians"] == pytest.approx(6 / 14) and r["paired_median"] == pytest.approx(6 / 14)
 
 
 def test_shape_lists():
-    gc = _module("gpu_check")
+    gc = _module("gpu.step_time")
     full = gc.shape_lists(smoke=False)
     gpt2, llama = full["gpt2-small"], full["tinyllama-1.1b"]
     assert len(gpt2) == 148
