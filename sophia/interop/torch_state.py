@@ -15,7 +15,10 @@ from sophia.interop.checkpoint import (
     hyperparam_mismatches,
     mismatch_error,
 )
-from sophia.torch.optimizer import _COUNT, _RHO, _STEP, _WIN
+from sophia.torch._group_state import GROUP_LABEL_COUNT as _COUNT
+from sophia.torch._group_state import GROUP_RHO as _RHO
+from sophia.torch._group_state import GROUP_STEP as _STEP
+from sophia.torch._group_state import GROUP_WIN_RATE as _WIN
 
 __all__ = ["from_torch", "to_torch", "torch_param_names", "torch_state_dict"]
 
