@@ -62,385 +62,67 @@ Results go to ``benchmarks/results/step_time_torch.json``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sophia.demo.machine import cpu_name  # noqa: E402
-from sophia.torch import SophiaG  # noqa: E402
+import torch  # noqa: E402
+from harness import floor  # noqa: E402
+from harness.machine import host_info  # noqa: E402
+from harness.memory import PROBE_ENV, peak_extra_bytes  # noqa: E402
+from harness.output import write_json  # noqa: E402
+from harness.stats import describe, ratio  # noqa: E402
+from harness.timing import interleave  # noqa: E402
+from torch_variants import (  # noqa: E402
+    BETAS,
+    BS,
+    EPS,
+    KERNEL_ARRAYS,
+    KERNELS,
+    LR,
+    RHO,
+    SOPHIA,
+    VARIANTS,
+    WD,
+    make_kernels,
+    make_optimizers,
+    make_stream_pass,
+    make_tensors,
+    model_shapes,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time_torch.json"
-LR = 1e-4
-BETAS = (0.965, 0.99)
-RHO = 0.04
-WD = 0.1
-BS = 5120
-EPS = 1e-15
-N_TENSORS = 148
-N_PARAMS_FULL = 124_439_808
-
-SOPHIA = ("sophia_forloop", "sophia_foreach", "sophia_fused")
-ADAMW = ("adamw_forloop", "adamw_foreach", "adamw_fused")
-REFERENCE = ("reference_forloop",)
-VARIANTS = SOPHIA + ADAMW + REFERENCE
-KERNELS = ("copy", "scale", "add", "triad")
-KERNEL_ARRAYS = {"copy": 2, "scale": 2, "add": 3, "triad": 3}
-SOPHIA_ARRAYS = 6  # read theta, g, m, h; write theta, m
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-def gpt2_small_shapes(small: bool = False) -> dict[str, tuple[int, ...]]:
-    """GPT-2 small with the LM head tied to ``wte``: 148 tensors, 124,439,808 parameters.
-
-    ``small`` divides width, vocabulary and context by 4 (the parameter count
-    by about 16) and keeps the 148 tensors.
-    """
-    f = 4 if small else 1
-    d, vocab, ctx = 768 // f, -(-50257 // f), 1024 // f
-    shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, d), "wpe": (ctx, d)}
-    for layer in range(12):
-        pre = f"h.{layer}."
-        shapes[pre + "ln_1.weight"] = (d,)
-        shapes[pre + "ln_1.bias"] = (d,)
-        shapes[pre + "attn.c_attn.weight"] = (d, 3 * d)
-        shapes[pre + "attn.c_attn.bias"] = (3 * d,)
-        shapes[pre + "attn.c_proj.weight"] = (d, d)
-        shapes[pre + "attn.c_proj.bias"] = (d,)
-        shapes[pre + "ln_2.weight"] = (d,)
-        shapes[pre + "ln_2.bias"] = (d,)
-        shapes[pre + "mlp.c_fc.weight"] = (d, 4 * d)
-        shapes[pre + "mlp.c_fc.bias"] = (4 * d,)
-        shapes[pre + "mlp.c_proj.weight"] = (4 * d, d)
-        shapes[pre + "mlp.c_proj.bias"] = (d,)
-    shapes["ln_f.weight"] = (d,)
-    shapes["ln_f.bias"] = (d,)
-    return shapes
-
-
-def check_shapes(shapes: dict[str, tuple[int, ...]], small: bool) -> int:
-    n = sum(math.prod(s) for s in shapes.values())
-    if len(shapes) != N_TENSORS:
-        raise AssertionError(f"{len(shapes)} tensors, expected {N_TENSORS}")
-    if not small and n != N_PARAMS_FULL:
-        raise AssertionError(f"{n} parameters, expected {N_PARAMS_FULL}")
-    return n
-
-
-# --------------------------------------------------------------------------- the paper's step
-
-
-class PaperReferenceSophiaG(torch.optim.Optimizer):
-    """The paper's SophiaG step as its authors' single-tensor code performs it.
-
-    Typed from the algorithm (Liu et al. 2023, Algorithm 3 with the clipped
-    ratio of their code): per tensor, decoupled decay ``theta *= 1 - lr*wd``,
-    ``m = b1*m + (1-b1)*g`` with ``add_(alpha=)``, ``ratio = min(|m| / (rho*bs*h
-    + 1e-15), 1)`` and ``theta += -lr * sign(m) * ratio`` with ``addcmul_``.
-    Only the plain step is needed here (no Hessian refresh).
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        lr: float = LR,
-        betas: tuple[float, float] = BETAS,
-        rho: float = RHO,
-        weight_decay: float = WD,
-    ) -> None:
-        defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, bs: int = BS) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            plist, glist, mlist, hlist, slist = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if len(st) == 0:
-                    st["step"] = torch.zeros((1,), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["hessian"] = torch.zeros_like(p)
-                plist.append(p)
-                glist.append(p.grad)
-                mlist.append(st["exp_avg"])
-                hlist.append(st["hessian"])
-                slist.append(st["step"])
-            b1 = group["betas"][0]
-            lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
-            for param, grad, exp_avg, hess, step_t in zip(plist, glist, mlist, hlist, slist):
-                if torch.is_complex(param):
-                    param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-                    exp_avg, hess = torch.view_as_real(exp_avg), torch.view_as_real(hess)
-                step_t += 1
-                param.mul_(1 - lr * wd)
-                exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-                ratio = (exp_avg.abs() / (rho * bs * hess + 1e-15)).clamp(None, 1)
-                param.addcmul_(exp_avg.sign(), ratio, value=-lr)
-        return loss
-
-
-# --------------------------------------------------------------------------- setup
-
-
-def make_tensors(
-    shapes: dict[str, tuple[int, ...]], seed: int = 0
-) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters (with ``.grad``), and a momentum and Hessian EMA per parameter.
-
-    The Hessian scale puts roughly half the coordinates in each branch of the
-    clip, as in training.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    params, ms, hs, grads = [], [], [], []
-    for shape in shapes.values():
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-        p.grad = torch.randn(shape, generator=gen) * 1e-2
-        params.append(p)
-        grads.append(p.grad)
-        ms.append(torch.randn(shape, generator=gen) * 1e-2)
-        hs.append(torch.rand(shape, generator=gen) * 1e-4)
-    return params, grads, ms, hs
-
-
-def make_optimizers(
-    variants: Iterable[str],
-    params: list[torch.nn.Parameter],
-    ms: list[torch.Tensor],
-    hs: list[torch.Tensor],
-) -> dict[str, Callable[[], Any]]:
-    """One ``step`` callable per variant; each family shares one state."""
-    variants = list(variants)
-    steps: dict[str, Callable[[], Any]] = {}
-    sophia_state = None
-    adamw_state = None
-    for name in variants:
-        if name in SOPHIA:
-            kind = name.split("_")[1]
-            opt = SophiaG(
-                params,
-                lr=LR,
-                betas=BETAS,
-                rho=RHO,
-                weight_decay=WD,
-                bs=BS,
-                eps=EPS,
-                foreach=kind == "foreach",
-                fused=True if kind == "fused" else None,
-            )
-            if sophia_state is None:
-                for p, m, h in zip(params, ms, hs):
-                    step0 = torch.zeros((), dtype=torch.float32)
-                    opt.state[p] = {"step": step0, "exp_avg": m, "hessian": h}
-                sophia_state = opt.state
-            opt.state = sophia_state
-            steps[name] = opt.step
-        elif name in ADAMW:
-            kind = name.split("_")[1]
-            opt = torch.optim.AdamW(
-                params,
-                lr=LR,
-                weight_decay=WD,
-                foreach=kind == "foreach",
-                fused=True if kind == "fused" else None,
-            )
-            if adamw_state is None:
-                adamw_state = opt.state
-            opt.state = adamw_state
-            steps[name] = opt.step
-        elif name in REFERENCE:
-            opt = PaperReferenceSophiaG(params)
-            for p, m, h in zip(params, ms, hs):
-                opt.state[p] = {"step": torch.zeros((1,)), "exp_avg": m, "hessian": h}
-            steps[name] = opt.step
-        else:
-            raise ValueError(f"unknown variant {name!r}")
-    return steps
-
-
-def make_kernels(n: int) -> dict[str, Callable[[], Any]]:
-    a = torch.full((n,), 1.0)
-    b = torch.full((n,), 0.5)
-    c = torch.full((n,), 0.25)
-    s = 0.999
-    return {
-        "copy": lambda: a.copy_(b),
-        "scale": lambda: a.mul_(s),
-        "add": lambda: a.add_(b),
-        "triad": lambda: torch.add(b, c, alpha=s, out=a),
-    }
-
-
-def _stream_body(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    m: torch.Tensor,
-    h: torch.Tensor,
-    one: torch.Tensor,
-    zero: torch.Tensor,
-) -> None:
-    p.copy_(p * one + g * zero)
-    m.copy_(m * one + h * zero)
-
-
-def make_stream_pass(
-    params: list[torch.nn.Parameter], ms: list[torch.Tensor], hs: list[torch.Tensor]
-) -> Callable[[], Any]:
-    """SophiaG's fused traffic with trivial arithmetic, in the fused path's calls.
-
-    Reads theta, g, m, h and writes theta, m (values unchanged: ``x * 1 + y *
-    0``, which the compiler cannot fold), one compiled call per tensor of at
-    least 32768 elements and one for the smaller ones (packed once here, where
-    the fused path packs them on every step): what the fused step would cost
-    if its arithmetic were free.
-    """
-    kernel = torch.compile(_stream_body, dynamic=True, fullgraph=True)
-    one, zero = torch.ones(()), torch.zeros(())
-    quads = [
-        tuple(x.detach().view(-1) for x in (p, p.grad, m, h)) for p, m, h in zip(params, ms, hs)
-    ]
-    flat = [q for q in quads if q[0].numel() >= 1 << 15]
-    small = [q for q in quads if q[0].numel() < 1 << 15]
-    if small:
-        flat.append(tuple(torch.cat(xs) for xs in zip(*small)))
-
-    def step() -> None:
-        for xs in flat:
-            kernel(*xs, one, zero)
-
-    return step
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def time_round_robin(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, log: Callable[[str], None]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process CPU seconds of each call, ``repeats`` rounds in rotating order."""
-    names = list(fns)
-    for name in names:
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            fns[name]()
-        log(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s for {warmup} call(s)")
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            fns[name]()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-        log(f"  round {r + 1}/{repeats} done, load {os.getloadavg()[0]:.2f}")
-    return wall, cpu
-
-
-def summary(wall: list[float], cpu: list[float]) -> dict[str, Any]:
-    return {
-        "median_ms": statistics.median(wall) * 1e3,
-        "min_ms": min(wall) * 1e3,
-        "cpu_median_ms": statistics.median(cpu) * 1e3,
-        "cpu_min_ms": min(cpu) * 1e3,
-        "samples_ms": [x * 1e3 for x in wall],
-        "cpu_samples_ms": [x * 1e3 for x in cpu],
-    }
-
 
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 64
-    except OSError:
-        return False
-
-
 def memory_probe(variant: str, small: bool, warmup: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: peak RSS above the pre-step RSS during one ``step()``."""
-    shapes = gpt2_small_shapes(small)
-    n = check_shapes(shapes, small)
-    params, _, ms, hs = make_tensors(shapes)
+    table, n = model_shapes(small)
+    params, _, ms, hs = make_tensors(table)
     step = make_optimizers([variant], params, ms, hs)[variant]
     for _ in range(warmup):
         step()
-    extras = []
-    method = "clear_refs"
-    for _ in range(repeats):
-        gc.collect()
-        if _reset_hwm():
-            before = _status_kb("VmRSS")
-            step()
-            extras.append(_status_kb("VmHWM") - before)
-        else:
-            method = "VmRSS sampled every 0.5 ms"
-            before = _status_kb("VmRSS")
-            peak = [before]
-            done = threading.Event()
-
-            def sample(peak: list[int] = peak, done: threading.Event = done) -> None:
-                while not done.is_set():
-                    peak[0] = max(peak[0], _status_kb("VmRSS"))
-                    time.sleep(0.0005)
-
-            th = threading.Thread(target=sample)
-            th.start()
-            step()
-            done.set()
-            th.join()
-            peak[0] = max(peak[0], _status_kb("VmRSS"))
-            extras.append(peak[0] - before)
-    largest = max(math.prod(s) for s in shapes.values()) * 4
-    extra = min(extras) * 1024
+    extras, method = peak_extra_bytes(step, repeats)
+    largest = max(math.prod(s) for s in table.values()) * 4
+    extra = min(extras)
     return {
         "method": method,
         "extra_bytes": extra,
-        "extra_bytes_all": [x * 1024 for x in extras],
+        "extra_bytes_all": extras,
         "param_bytes": n * 4,
         "largest_tensor_bytes": largest,
         "extra_over_param_bytes": extra / (n * 4),
         "extra_over_largest_tensor": extra / largest,
     }
-
-
-#: glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, which would
-#: hide temporaries from RSS; a fixed threshold sends every block of 64 KiB or more to
-#: mmap/munmap, so RSS follows what is live.
-_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def run_memory_probes(
@@ -466,7 +148,7 @@ def run_memory_probes(
         if threads:
             cmd += ["--threads", str(threads)]
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_PROBE_ENV)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=PROBE_ENV)
         if res.returncode != 0:
             raise RuntimeError(f"memory probe {v} failed:\n{res.stderr[-4000:]}")
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -480,40 +162,26 @@ def run_memory_probes(
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    mem = {}
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                k, v = line.split(":", 1)
-                if k in ("MemTotal", "MemAvailable"):
-                    mem[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "mem_total_bytes": mem.get("MemTotal"),
-        "mem_available_bytes_start": mem.get("MemAvailable"),
-        "loadavg_start": list(os.getloadavg()),
-    }
+def machine() -> dict[str, Any]:
+    """:func:`harness.machine.host_info` with torch's version, CPU capability and threads."""
+    info = host_info()
+    info["cpu_model"] = info.pop("cpu")  # this record's field name
+    info.update(
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+    )
+    return info
 
 
 def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """Timings ``a / b``: of medians, of minima, paired per round, of CPU-time medians."""
+    wall = ratio(a["samples_ms"], b["samples_ms"])
     return {
-        "ratio_median": a["median_ms"] / b["median_ms"],
-        "ratio_min": a["min_ms"] / b["min_ms"],
-        "ratio_paired_median": statistics.median(
-            x / y for x, y in zip(a["samples_ms"], b["samples_ms"])
-        ),
-        "ratio_cpu_median": a["cpu_median_ms"] / b["cpu_median_ms"],
+        "ratio_median": wall["of_medians"],
+        "ratio_min": wall["of_minima"],
+        "ratio_paired_median": wall["paired_median"],
+        "ratio_cpu_median": ratio(a["cpu_samples_ms"], b["cpu_samples_ms"])["of_medians"],
     }
 
 
@@ -616,7 +284,7 @@ def print_table(res: dict[str, Any]) -> None:
     bw = res["floor"]
     print(
         f"{'floor':<19}{floor:11.1f}{floor:9.1f}{'':12}{1.0:9.2f}"
-        f"   ({SOPHIA_ARRAYS} x 4 B x N at {bw['best_gbps']:.2f} GB/s, best: {bw['best_kernel']})"
+        f"   (6 x 4 B x N at {bw['best_gbps']:.2f} GB/s, best: {bw['best_kernel']})"
     )
     print(
         f"{'floor (CPU time)':<19}{'':20}{bw['cpu_floor_ms']:12.1f}"
@@ -681,10 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    machine = machine_info()
-    shapes = gpt2_small_shapes(args.small)
-    n = check_shapes(shapes, args.small)
-    log(f"{len(shapes)} tensors, {n:,} parameters; load {machine['loadavg_start']}")
+    info = machine()
+    table, n = model_shapes(args.small)
+    log(f"{len(table)} tensors, {n:,} parameters; load {info['loadavg_start']}")
 
     memory = {}
     if not args.no_memory:
@@ -694,36 +361,38 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     torch.set_grad_enabled(False)
-    params, _, ms, hs = make_tensors(shapes)
+    params, _, ms, hs = make_tensors(table)
     fns: dict[str, Callable[[], Any]] = dict(make_optimizers(variants, params, ms, hs))
     if not args.no_stream_pass and "sophia_fused" in variants:
         fns["stream_4r2w_compiled"] = make_stream_pass(params, ms, hs)
     kernels = make_kernels(n)
     fns.update({f"bw_{k}": kernels[k] for k in KERNELS})
     log("timing (round-robin):")
-    samples, cpu_samples = time_round_robin(fns, args.warmup, args.repeats, log)
+    timed = interleave(fns, args.repeats, warmup=args.warmup, log=log)
+    samples, cpu_samples = timed.wall_ms, timed.cpu_ms
 
     kernel_stats = {}
     for k in KERNELS:
         bytes_ = KERNEL_ARRAYS[k] * 4 * n
-        xs = samples[f"bw_{k}"]
-        cs = cpu_samples[f"bw_{k}"]
+        xs, cs = samples[f"bw_{k}"], cpu_samples[f"bw_{k}"]
+        wall = floor.bandwidth(bytes_, xs)
         kernel_stats[k] = {
             "bytes": bytes_,
-            "best_gbps": bytes_ / min(xs) / 1e9,
-            "median_gbps": bytes_ / statistics.median(xs) / 1e9,
-            "cpu_best_gbps": bytes_ / max(min(cs), 1e-9) / 1e9,
-            **summary(xs, cs),
+            "best_gbps": wall["best"] / 1e9,
+            "median_gbps": wall["median"] / 1e9,
+            # a call too short for the CPU clock's resolution counts as 1 ns
+            "cpu_best_gbps": floor.bandwidth(bytes_, [max(min(cs), 1e-6)])["best"] / 1e9,
+            **describe(xs, cs),
         }
     best_kernel = max(kernel_stats, key=lambda k: kernel_stats[k]["best_gbps"])
     best_bw = kernel_stats[best_kernel]["best_gbps"]
     best_cpu_bw = max(s["cpu_best_gbps"] for s in kernel_stats.values())
-    sophia_bytes = SOPHIA_ARRAYS * 4 * n
+    sophia_bytes = floor.SOPHIA_BYTES_PER_PARAM * n
     res: dict[str, Any] = {
-        "machine": machine,
+        "machine": info,
         "config": {
             "small": args.small,
-            "n_tensors": len(shapes),
+            "n_tensors": len(table),
             "n_params": n,
             "dtype": "float32",
             "warmup": args.warmup,
@@ -736,12 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             "eps": EPS,
             "variants": variants,
         },
-        "steps": {v: summary(samples[v], cpu_samples[v]) for v in variants},
+        "steps": {v: describe(samples[v], cpu_samples[v]) for v in variants},
         "stream_pass": (
             {
                 "description": "compiled per-tensor pass reading theta, g, m, h and writing "
                 "theta, m with trivial arithmetic (the fused path's traffic and calls)",
-                **summary(samples["stream_4r2w_compiled"], cpu_samples["stream_4r2w_compiled"]),
+                **describe(samples["stream_4r2w_compiled"], cpu_samples["stream_4r2w_compiled"]),
             }
             if "stream_4r2w_compiled" in samples
             else None
@@ -750,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": sophia_bytes,
             "best_kernel": best_kernel,
             "best_gbps": best_bw,
-            "floor_ms": sophia_bytes / (best_bw * 1e9) * 1e3,
+            "floor_ms": floor.floor_ms(sophia_bytes, best_bw * 1e9),
             "cpu_best_gbps": best_cpu_bw,
-            "cpu_floor_ms": sophia_bytes / (best_cpu_bw * 1e9) * 1e3,
+            "cpu_floor_ms": floor.floor_ms(sophia_bytes, best_cpu_bw * 1e9),
             "method": "6 x 4 B x N / best logical bandwidth of torch copy/scale/add/triad "
             "over three flat float32 buffers of N elements, best of the repeats (cpu_: the "
             "same with process CPU time, the floor for CPU-time figures)",
@@ -767,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": list(os.getloadavg()),
     }
     res["ratios"] = ratios(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.out, res)
     print_table(res)
     print(f"\nwrote {args.out}")
     return 0

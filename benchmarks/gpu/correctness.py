@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from harness.ulp import ulps_of_operands
+
 from gpu.environment import Frameworks
 from gpu.implementations import (
     HP,
@@ -29,8 +31,6 @@ from gpu.implementations import (
     ulp,
 )
 from gpu.record import Part, Skip
-from harness.ulp import ulps_of_operands
-
 from sophia import spec
 
 #: The fused-multiply-add bound, in ulps of each result's largest operand. m and h come out
