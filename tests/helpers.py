@@ -13,12 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from sophia import spec
 
 #: The repository root: where ``python -m tests.<package>.<module>`` finds the tests package.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INTS = {2: np.int16, 4: np.int32, 8: np.int64}
@@ -114,6 +117,25 @@ def ulp_diff(a, b) -> int:
         return 0
     both_nan = (a != a) & (b != b)
     return int(np.max(np.where(both_nan, 0, np.abs(_ordered(a) - _ordered(b)))))
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b| (0 when both are 0): the difference relative to the array's scale."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    scale = np.max(np.abs(b))
+    d = np.max(np.abs(a - b))
+    return float(d / scale) if scale > 0 else float(d)
+
+
+def tree_ulp(x, y):
+    return max((ulp_diff(x[k], y[k]) for k in x), default=0)
+
+
+def tree_rel(x, y):
+    return max((rel_diff(x[k], y[k]) for k in x), default=0.0)
 
 
 def identical(a, b) -> bool:

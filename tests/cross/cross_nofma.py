@@ -9,15 +9,17 @@ starts it (the flag must be set before JAX initialises its CPU backend).
 import json
 import sys
 
-from tests.cross.crossref import JaxDriver, ParamDtypeReference, trace, tree_ulp
+from tests.cross.drivers import JaxDriver, trace
 from tests.cross.problems import case
+from tests.cross.references import ParamDtypeReference
+from tests.helpers import tree_ulp
 
 
 def main(names):
     for name in names:
         builtin = name.endswith(":builtin")  # the transform's own refresh (lax.cond)
         prob, groups, steps, k = case(name.split(":")[0])
-        ref = trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)  # see crossref
+        ref = trace(ParamDtypeReference(prob.params0, groups), prob, steps, k)  # see references.py
         # the jitted refresh is measured where dynamic rho makes it differ (see the test)
         dynamic = any(g["dynamic"] for g in groups)
         for jit_refresh in (True,) if builtin else (False, True) if dynamic else (False,):

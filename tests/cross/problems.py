@@ -151,7 +151,8 @@ class MLP:
 
 def case(name):
     """(problem, groups, steps, k) of a named long run."""
-    from tests.cross.crossref import BF16, group
+    from tests.cross.drivers import group
+    from tests.helpers import BF16
 
     if name == "least-squares":
         prob = LeastSquares()

@@ -23,7 +23,7 @@ import torch
 
 import sophia.jax as sj
 from sophia.torch import SophiaG
-from tests.cross.crossref import rel_diff
+from tests.helpers import rel_diff
 
 BASE = dict(b1=0.965, b2=0.99, rho=0.04, weight_decay=0.1)
 # near-default, and a larger step with more clipping (separates sooner)

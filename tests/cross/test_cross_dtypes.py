@@ -12,19 +12,9 @@ import numpy as np
 import pytest
 
 from tests.cross import problems
-from tests.cross.crossref import (
-    BF16,
-    JaxDriver,
-    RealViewReference,
-    Reference,
-    TorchDriver,
-    group,
-    real_tree,
-    run,
-    set_state,
-    tree_ulp,
-)
-from tests.helpers import random_leaves
+from tests.cross.drivers import JaxDriver, TorchDriver, group, run, set_state
+from tests.cross.references import RealViewReference, Reference, real_tree
+from tests.helpers import BF16, random_leaves, tree_ulp
 
 EXACT = ["jax", "torch-loop", "torch-foreach", "torch-fused"]
 

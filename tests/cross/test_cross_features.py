@@ -11,17 +11,10 @@ import sophia.jax as sj
 import sophia.torch as st
 from sophia import spec
 from sophia.torch import SophiaG
-from tests.cross.crossref import (
-    JaxDriver,
-    Reference,
-    TorchDriver,
-    group,
-    rel_diff,
-    run,
-    tree_rel,
-    tree_ulp,
-)
+from tests.cross.drivers import JaxDriver, TorchDriver, group, run
 from tests.cross.problems import MLP, LeastSquares
+from tests.cross.references import Reference
+from tests.helpers import rel_diff, tree_rel, tree_ulp
 
 
 def _snapshots(driver, prob, steps, k):

@@ -16,8 +16,9 @@ from safetensors.numpy import save_file
 import sophia.jax as sj
 from sophia import interop
 from sophia.torch import SophiaG
-from tests.cross.crossref import BF16, JaxDriver, TorchDriver, group, run, tree_ulp
+from tests.cross.drivers import JaxDriver, TorchDriver, group, run
 from tests.cross.problems import MLP, LeastSquares
+from tests.helpers import BF16, tree_ulp
 
 K = 5
 

@@ -29,7 +29,7 @@ import torch
 
 import sophia.jax as sj
 from sophia.torch import SophiaG
-from tests.cross.crossref import rel_diff
+from tests.helpers import rel_diff
 
 N, D, C, STEPS = 8, 4, 3, 10
 # b2 well below 1 and rho large enough that about half the coordinates are not

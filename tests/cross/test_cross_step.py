@@ -4,16 +4,9 @@ import numpy as np
 import pytest
 
 from sophia import spec
-from tests.cross.crossref import (
-    BF16,
-    JaxDriver,
-    ParamDtypeReference,
-    Reference,
-    TorchDriver,
-    group,
-    set_state,
-)
-from tests.helpers import random_leaves, ulp_diff, within_rounding
+from tests.cross.drivers import JaxDriver, TorchDriver, group, set_state
+from tests.cross.references import ParamDtypeReference, Reference
+from tests.helpers import BF16, random_leaves, ulp_diff, within_rounding
 
 SHAPES = [(7,), (3, 5), (0,), (), (64, 33), (2, 0, 3)]
 HP = dict(lr=0.05, b1=0.9, b2=0.95, rho=0.03, weight_decay=0.2, eps=1e-12, bs=17.0)

@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 
 from tests.cross import problems
-from tests.cross.crossref import (
-    JaxDriver,
-    ParamDtypeReference,
-    Reference,
-    TorchDriver,
-    rel_diff,
-    trace,
-    tree_rel,
-    tree_ulp,
-)
-from tests.helpers import run_module
+from tests.cross.drivers import JaxDriver, TorchDriver, trace
+from tests.cross.references import ParamDtypeReference, Reference
+from tests.helpers import rel_diff, run_module, tree_rel, tree_ulp
 
 CASES = ["least-squares", "logistic-maximize", "mlp-groups", "least-squares-bf16"]
 # Op-by-op JAX dispatches every primitive on its own (~10 ms a step here), so it runs

@@ -1,40 +1,18 @@
-"""Shared helpers of the cross-framework tests: one driver per implementation, ulp metrics.
+"""One driver per implementation, fed the same inputs, and the loop that feeds them.
 
-Every driver takes the same per-group hyperparameters and is fed the same
-gradients and Hessian estimates (NumPy arrays in the parameters' storage
-dtype), so any difference between them is the optimizer's.
+Every driver takes the same per-group hyperparameters (:func:`group`) and is fed
+the same gradients and Hessian estimates (NumPy arrays in the parameters'
+storage dtype), so any difference between them is the optimizer's. The spec's
+own driver is :class:`tests.cross.references.Reference`.
 """
 
-import ml_dtypes
 import numpy as np
 
 from sophia import spec
-from tests.helpers import bits, real_view, ulp_diff
+from tests.cross.references import Reference
+from tests.helpers import BF16
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 HP_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def rel_diff(a, b):
-    """max |a - b| / max |b| (0 when both are 0): the difference relative to the array's scale."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    if a.size == 0:
-        return 0.0
-    scale = np.max(np.abs(b))
-    d = np.max(np.abs(a - b))
-    return float(d / scale) if scale > 0 else float(d)
-
-
-def tree_ulp(x, y):
-    return max((ulp_diff(x[k], y[k]) for k in x), default=0)
-
-
-def tree_rel(x, y):
-    return max((rel_diff(x[k], y[k]) for k in x), default=0.0)
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -68,62 +46,6 @@ def group(names, **hp):
 
 
 # ----------------------------------------------------------------------------- drivers
-
-
-class Reference:
-    """The spec's NumPy reference, group by group."""
-
-    name = "numpy"
-
-    def __init__(self, params, groups):
-        self.p = {k: np.array(v) for k, v in params.items()}
-        self.groups = groups
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.h = {k: np.zeros_like(v) for k, v in params.items()}
-        self.rho = [spec.compute_dtype(self._dt(g)).type(g["rho"]) for g in groups]
-        self.wr = [spec.compute_dtype(self._dt(g)).type(0) for g in groups]
-        self.count = 0
-
-    def _dt(self, g):
-        return np.float64 if any(self.p[n].dtype == np.float64 for n in g["names"]) else np.float32
-
-    def refresh(self, h_hat):
-        for gi, g in enumerate(self.groups):
-            for n in g["names"]:
-                self.h[n] = spec.hessian_ema(self.h[n], h_hat[n], g["b2"])
-            if g["dynamic"] and self.count > 0:
-                n_total = sum(self.p[n].size for n in g["names"])
-                self.rho[gi] = spec.dynamic_rho(
-                    self.rho[gi], self.wr[gi], g["rho"], self._dt(g), n_total
-                )
-
-    def step(self, grads):
-        for gi, g in enumerate(self.groups):
-            n_win = 0
-            for n in g["names"]:
-                kw = {k: g[k] for k in ("lr", "b1", "bs", "weight_decay", "eps", "maximize")}
-                self.p[n], self.m[n], w = spec.sophia_update(
-                    self.p[n], grads[n], self.m[n], self.h[n], rho=self.rho[gi], **kw
-                )
-                n_win += w
-            n_total = sum(self.p[n].size for n in g["names"])
-            self.wr[gi] = spec.win_rate(n_win, n_total, self._dt(g))
-        self.count += 1
-
-    def params(self):
-        return dict(self.p)
-
-    def mu(self):
-        return dict(self.m)
-
-    def hessian(self):
-        return dict(self.h)
-
-    def rhos(self):
-        return [float(r) for r in self.rho]
-
-    def win_rates(self):
-        return [float(w) for w in self.wr]
 
 
 class JaxDriver:
@@ -379,94 +301,3 @@ def set_state(driver, mu, h):
 
 def _group_of(opt, p):
     return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-
-
-# ----------------------------------------------------------------------------- complex
-
-
-def real_tree(tree):
-    return {k: real_view(v) for k, v in tree.items()}
-
-
-class RealViewReference(Reference):
-    """The spec's reference on the real view of complex parameters, as torch's port defines them.
-
-    Takes and returns complex arrays; inside, every complex element is two real
-    coordinates (so the win rate counts two per element).
-    """
-
-    name = "numpy-real-view"
-
-    def __init__(self, params, groups):
-        self.dtypes = {k: np.asarray(v).dtype for k, v in params.items()}
-        super().__init__(real_tree(params), groups)
-
-    def refresh(self, h_hat):
-        super().refresh(real_tree(h_hat))
-
-    def step(self, grads):
-        super().step(real_tree(grads))
-
-    def _complex(self, tree):
-        return {
-            k: v.reshape(-1).view(self.dtypes[k]).reshape(v.shape[:-1])
-            if np.iscomplexobj(np.empty(0, self.dtypes[k]))
-            else v
-            for k, v in tree.items()
-        }
-
-    def params(self):
-        return self._complex(self.p)
-
-    def mu(self):
-        return self._complex(self.m)
-
-    def hessian(self):
-        return self._complex(self.h)
-
-
-# ----------------------------------------------------------------------------- low precision
-
-
-def through_param_dtype_update(theta, new):
-    """What ``optax.apply_updates`` makes of sophia.jax's update of ``theta``'s dtype.
-
-    ``new`` is the spec's single rounding of ``theta - lr*u``. For bfloat16 and
-    float16 the JAX update is ``d`` of that dtype (``sophia.jax.to_param_dtype``):
-    ``round(new - theta)``, a zero of ``new``'s sign where ``new == theta``, or
-    its neighbour towards ``new`` where that misses; ``theta + d`` is ``new``
-    wherever any ``d`` of the dtype reaches it (docs/spec.md). Other dtypes: ``new``.
-    """
-    theta, new = np.asarray(theta), np.asarray(new)
-    if theta.dtype.itemsize != 2:
-        return new
-    dt, w = theta.dtype, np.float32
-    with np.errstate(all="ignore"):
-        pw, nw = theta.astype(w), new.astype(w)
-        d0 = np.where(nw == pw, np.copysign(w(0), nw), nw - pw).astype(dt)
-        r0 = (pw + d0.astype(w)).astype(dt)
-        d1 = np.nextafter(d0, np.where(r0.astype(w) < nw, w(np.inf), w(-np.inf)).astype(dt))
-        r1 = (pw + d1.astype(w)).astype(dt)
-    hit0 = (bits(r0) == bits(new)) | np.isnan(nw)
-    hit1 = bits(r1) == bits(new)
-    return np.where(hit0 | ~hit1, r0, r1).astype(dt)
-
-
-class ParamDtypeReference(Reference):
-    """The spec's reference, its new parameters taken through JAX's update of their dtype.
-
-    What op-by-op ``sophia.jax`` with ``optax.apply_updates`` must match bit for
-    bit for bfloat16/float16 parameters (the plain :class:`Reference` for others).
-    ``misses`` counts the coordinates where that differs from the spec.
-    """
-
-    name = "numpy-param-dtype"
-    misses = 0
-
-    def step(self, grads):
-        old = dict(self.p)
-        super().step(grads)
-        for n, t in old.items():
-            out = through_param_dtype_update(t, self.p[n])
-            self.misses += int(np.count_nonzero(bits(out) != bits(self.p[n])))
-            self.p[n] = out
