@@ -66,10 +66,10 @@ def fused_update(
     Returns:
       The number of coordinates with ``r < 1``, in ``count_dtype``.
     """
-    cd = compute_dtype(param.dtype)
-    t = param.to(cd)
-    mc = m.to(cd) * b1 + grad.to(cd) * signed_one_minus_b1
-    den = torch.clamp_min(h.to(cd), 0) * rho_bs + eps
+    compute = compute_dtype(param.dtype)
+    t = param.to(compute)
+    mc = m.to(compute) * b1 + grad.to(compute) * signed_one_minus_b1
+    den = torch.clamp_min(h.to(compute), 0) * rho_bs + eps
     q = (mc + 0.0) / den
     u = torch.where(q > 1, 1.0, torch.where(q < -1, -1.0, q)) + t * weight_decay
     param.copy_(t - u * lr)

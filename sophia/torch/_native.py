@@ -5,7 +5,7 @@ group: read ``param, grad, exp_avg, hessian``, write ``param, exp_avg``, spread
 over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
 CPU kernel. The source is compiled with ``torch.utils.cpp_extension`` (a C++17
 compiler and ninja are needed) into torch's extension cache the first time it
-is needed, about 15 s, and loaded from there afterwards. Where it cannot be
+is needed, and loaded from there afterwards. Where it cannot be
 built, :func:`fused_step_op` warns once and returns ``None``, and the fused path
 uses its ``torch.compile``-d kernel instead; both give the same bits.
 

@@ -153,11 +153,11 @@ def _single_tensor_update(
     Returns the number of coordinates with ``r < 1`` (see :func:`sophia.torch._wins.count_wins`).
     """
     b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr = ws.coeffs
-    cd = ws.dtype
-    t = param if param.dtype == cd else param.to(cd)
-    mc = m if m.dtype == cd else m.to(cd)
-    g = grad if grad.dtype == cd else grad.to(cd)
-    hc = h if h.dtype == cd else h.to(cd)
+    compute = ws.dtype
+    t = param if param.dtype == compute else param.to(compute)
+    mc = m if m.dtype == compute else m.to(compute)
+    g = grad if grad.dtype == compute else grad.to(compute)
+    hc = h if h.dtype == compute else h.to(compute)
     tmp, q = ws.scratch(t)
     # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
     mc.mul_(b1).add_(torch.mul(g, signed_one_minus_b1, out=tmp))
@@ -193,11 +193,11 @@ def _single_tensor_sophia_g(
         state_steps[i] += 1
         if param.numel() == 0:
             continue
-        cd = compute_dtype(param.dtype)
-        ws = spaces.get((cd, param.device))
+        compute = compute_dtype(param.dtype)
+        ws = spaces.get((compute, param.device))
         if ws is None:
-            coeffs = hyper.coefficients(cd, param.device)
-            ws = spaces[(cd, param.device)] = Workspace(cd, param.device, coeffs)
+            coeffs = hyper.coefficients(compute, param.device)
+            ws = spaces[(compute, param.device)] = Workspace(compute, param.device, coeffs)
         for piece in flat_slices((param, grad, m, h), ws.block):
             counts.append(_single_tensor_update(*piece, ws))
     return total_wins(counts, params[0].device)
@@ -241,12 +241,12 @@ def _foreach_update(
     else one per tensor.
     """
     b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr = ws.coeffs
-    cd = ws.dtype
-    low = params[0].dtype != cd
-    tc = [x.to(cd) for x in params] if low else params
-    mc = [x.to(cd) for x in exp_avgs] if low else exp_avgs
-    gc = [x if x.dtype == cd else x.to(cd) for x in grads]
-    hc = [x if x.dtype == cd else x.to(cd) for x in hessians]
+    compute = ws.dtype
+    low = params[0].dtype != compute
+    tc = [x.to(compute) for x in params] if low else params
+    mc = [x.to(compute) for x in exp_avgs] if low else exp_avgs
+    gc = [x if x.dtype == compute else x.to(compute) for x in grads]
+    hc = [x if x.dtype == compute else x.to(compute) for x in hessians]
     tmp, quotient = (scratch.tmp, scratch.quotient) if scratch is not None else (None, None)
     # m <- b1 m + (1 - b1) g, each product and the sum rounded on their own
     a = _foreach_op_into("mul", gc, signed_one_minus_b1, tmp)
@@ -281,8 +281,8 @@ def _foreach_update(
 
 def _multi_tensor_sophia_g(group: DeviceGroup, hyper: Hyperparameters) -> list[Tensor]:
     """The foreach body on one (device, dtype), by blocks on CPU; returns win counts."""
-    cd = compute_dtype(group.dtype)
-    ws = Workspace(cd, group.device, hyper.coefficients(cd, group.device))
+    compute = compute_dtype(group.dtype)
+    ws = Workspace(compute, group.device, hyper.coefficients(compute, group.device))
     lists = [group.params, group.grads, group.exp_avgs, group.hessians]
     counts: list[Tensor] = []
     for batch in batches(lists, ws.block):
@@ -320,20 +320,20 @@ def hessian_ema(
         _, foreach = _default_to_fused_or_foreach(hs, False, use_fused=False)
     if not foreach:
         for h, e in zip(hs, es):
-            cd = compute_dtype(h.dtype)
-            b2, one_minus_b2 = ema_rates(beta2, cd, h.device)
-            hc = h if h.dtype == cd else h.to(cd)
-            hc.mul_(b2).add_(torch.mul(e.to(device=h.device, dtype=cd), one_minus_b2))
+            compute = compute_dtype(h.dtype)
+            b2, one_minus_b2 = ema_rates(beta2, compute, h.device)
+            hc = h if h.dtype == compute else h.to(compute)
+            hc.mul_(b2).add_(torch.mul(e.to(device=h.device, dtype=compute), one_minus_b2))
             if hc is not h:
                 h.copy_(hc)
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype([hs, es])  # type: ignore[list-item]
     for (device, dtype), ((d_hs, d_es), _) in grouped.items():
-        cd = compute_dtype(dtype)
-        b2, one_minus_b2 = ema_rates(beta2, cd, device)
-        hc = [x.to(cd) for x in d_hs] if dtype != cd else list(d_hs)
-        ec = torch._foreach_mul([x.to(device=device, dtype=cd) for x in d_es], one_minus_b2)
+        compute = compute_dtype(dtype)
+        b2, one_minus_b2 = ema_rates(beta2, compute, device)
+        hc = [x.to(compute) for x in d_hs] if dtype != compute else list(d_hs)
+        ec = torch._foreach_mul([x.to(device=device, dtype=compute) for x in d_es], one_minus_b2)
         torch._foreach_mul_(hc, b2)
         torch._foreach_add_(hc, ec)
-        if dtype != cd:
+        if dtype != compute:
             torch._foreach_copy_(list(d_hs), hc)

@@ -2,7 +2,7 @@
 // and writes param, exp_avg (24 bytes per float32 parameter), for every tensor
 // of a (device, dtype) group in one call spread over torch's intra-op threads.
 //
-// The arithmetic is sophia.torch.functional._fused_body's, operation by
+// The arithmetic is sophia.torch._fused.fused_update's, operation by
 // operation in the compute type (float for float/bf16/half, double for double),
 // so the result matches the other paths and the NumPy reference to the bit.
 // That needs the build flags -ffp-contract=off and no -ffast-math: a fused
@@ -21,12 +21,12 @@
 namespace {
 
 // Elements per work item: big enough that a thread streams, small enough that
-// 148 GPT-2 tensors of very different sizes spread evenly over the threads.
+// a model's many tensors of very different sizes spread evenly over the threads.
 constexpr int64_t kChunk = int64_t{1} << 16;
 
 template <typename C>
 struct Coeffs {
-  C b1, omb1, rho_bs, eps, wd, lr;
+  C b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr;
 };
 
 // The loop body is branch-free on purpose, so the compiler vectorises it.
@@ -36,13 +36,14 @@ int64_t update_range(T* __restrict p, const T* __restrict g, T* __restrict m,
   int32_t wins = 0;  // n <= kChunk, so it cannot overflow
   for (int64_t i = 0; i < n; ++i) {
     const C t = static_cast<C>(p[i]);
-    const C mc = static_cast<C>(m[i]) * c.b1 + static_cast<C>(g[i]) * c.omb1;
+    const C mc =
+        static_cast<C>(m[i]) * c.b1 + static_cast<C>(g[i]) * c.signed_one_minus_b1;
     const C hv = static_cast<C>(h[i]);
     const C hc = hv < C(0) ? C(0) : hv;  // clamp_min(h, 0): NaN stays NaN
     const C den = hc * c.rho_bs + c.eps;
     const C q = (mc + C(0)) / den;  // + 0 maps -0 to +0, like sign(m) does
     const C r = q > C(1) ? C(1) : (q < C(-1) ? C(-1) : q);
-    const C u = r + t * c.wd;
+    const C u = r + t * c.weight_decay;
     p[i] = static_cast<T>(t - u * c.lr);
     m[i] = static_cast<T>(mc);
     wins += std::fabs(q) < C(1);
@@ -98,21 +99,21 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                     c10::CppTypeToScalarType<C>::value, ", got ", coeffs.scalar_type());
         const C* cp = coeffs.const_data_ptr<C>();
         const Coeffs<C> c{cp[0], cp[1], cp[2], cp[3], cp[4], cp[5]};
-        std::vector<scalar_t*> pp, mp;
-        std::vector<const scalar_t*> gp, hp;
+        std::vector<scalar_t*> param_ptrs, exp_avg_ptrs;
+        std::vector<const scalar_t*> grad_ptrs, hessian_ptrs;
         for (size_t t = 0; t < ps.size(); ++t) {
-          pp.push_back(params[t].data_ptr<scalar_t>());
-          mp.push_back(exp_avgs[t].data_ptr<scalar_t>());
-          gp.push_back(grads[t].const_data_ptr<scalar_t>());
-          hp.push_back(hessians[t].const_data_ptr<scalar_t>());
+          param_ptrs.push_back(params[t].data_ptr<scalar_t>());
+          exp_avg_ptrs.push_back(exp_avgs[t].data_ptr<scalar_t>());
+          grad_ptrs.push_back(grads[t].const_data_ptr<scalar_t>());
+          hessian_ptrs.push_back(hessians[t].const_data_ptr<scalar_t>());
         }
         at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
           for (int64_t k = lo; k < hi; ++k) {
             const Item& it = items[k];
             const int64_t o = it.begin;
-            counts[k] = update_range<scalar_t, C>(pp[it.tensor] + o, gp[it.tensor] + o,
-                                                  mp[it.tensor] + o, hp[it.tensor] + o, it.count,
-                                                  c);
+            counts[k] = update_range<scalar_t, C>(
+                param_ptrs[it.tensor] + o, grad_ptrs[it.tensor] + o,
+                exp_avg_ptrs[it.tensor] + o, hessian_ptrs[it.tensor] + o, it.count, c);
           }
         });
       });
