@@ -39,13 +39,11 @@ the wait for the loss. The variants:
 
 The variants run interleaved, every round in a fresh random order (seeded by
 ``--seed``; the ``k = 2`` SophiaG trainer stepped twice a round), so background
-load hits them alike and no variant always follows the same one. A fixed
-rotation always ran the ``k = 10`` trainer right after the ``k = 2`` one; on a
-2-core EPYC that read 1.11-1.12 for JAX's ``k10_run_over_adamw`` (refresh
-on 4 of 16 sequences) where a
-random order read 1.05 and the two trainers alone, interleaved, 1.02-1.05. Every
-variant sees the same batch within a round (random bytes: the timing does not
-depend on the tokens). The frameworks run one after the other.
+load hits them alike and no variant always follows the same one (a fixed
+rotation always ran the ``k = 10`` trainer right after the ``k = 2`` one, and
+the first felt the second's memory traffic). Every variant sees the same batch
+within a round (random tokens: the timing does not depend on them). The
+frameworks run one after the other.
 Each variant's figure is the median and the minimum over ``--repeats`` timed
 samples after ``--warmup`` untimed rounds (``first_call_s``: the first call,
 JAX's compilation included). The derived figures, each of the medians, of the
@@ -80,22 +78,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's sophia, and the harness beside this script (also when imported by path)
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from harness.machine import host_info  # noqa: E402
+from harness.output import write_json  # noqa: E402
+from harness.stats import describe  # noqa: E402
+from harness.timing import Order, interleave, shuffled  # noqa: E402
 
 from sophia.demo.backends import load_backend  # noqa: E402
 from sophia.demo.config import FRAMEWORKS, PRESETS, OptimConfig, RunConfig  # noqa: E402
-from sophia.demo.machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refresh_cost.json"
 #: The refresh interval of the target figure.
@@ -223,6 +225,24 @@ class SophiaSteps:
             )
 
 
+def refresh_first(order: Order) -> Order:
+    """``order`` with ``sophia_refresh`` moved before ``sophia_plain`` where it falls after.
+
+    The ``k = 2`` trainer takes both calls of a round, its refresh step
+    first: which of its two places in a random order is the refresh does not
+    matter, only that the first of them is.
+    """
+
+    def ordered(names: Sequence[str], r: int) -> list[str]:
+        out = order(names, r)
+        i, j = out.index("sophia_refresh"), out.index("sophia_plain")
+        if i > j:
+            out[i], out[j] = out[j], out[i]
+        return out
+
+    return ordered
+
+
 def bench_framework(
     framework: str, cfg: RunConfig, warmup: int, repeats: int, seed: int
 ) -> dict[str, Any]:
@@ -235,55 +255,47 @@ def bench_framework(
         rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32) for _ in range(N_BATCHES)
     ]
     batches = [(w[:, :-1], w[:, 1:]) for w in windows]
-    order_rng = np.random.default_rng([seed, 1])
 
     print(f"{framework}: building the trainers", file=sys.stderr, flush=True)
     sophia = SophiaSteps(backend, cfg)
     sophia_k10 = SophiaSteps(backend, cfg, K)
     adamw = backend.make_trainer(cfg, cfg.adamw)
-    calls: dict[str, Step] = {"adamw": adamw.step, **REFERENCES[framework](cfg)}
-    slots = ["adamw", "sophia", "sophia_k10", "fwd_bwd", "sophia", "forward"]
+    steps: dict[str, Step] = {"adamw": adamw.step, **REFERENCES[framework](cfg)}
+    steps["sophia_k10"] = sophia_k10.step
     first_call_s: dict[str, float] = {}
-
-    def call(slot: str, x: np.ndarray, y: np.ndarray, check: bool = False) -> tuple[str, float]:
-        name = sophia.next_variant() if slot == "sophia" else slot
-        if slot in ("sophia", "sophia_k10"):
-            trainer = sophia if slot == "sophia" else sophia_k10
-            fn = trainer.checked_step if check else trainer.step
-        else:
-            fn = calls[slot]
-        t0 = time.perf_counter()
-        fn(x, y)
-        return name, time.perf_counter() - t0
-
     for i in range(warmup):
         x, y = batches[i % N_BATCHES]
-        for slot in slots:
-            name, dt = call(slot, x, y, check=True)
-            first_call_s.setdefault(name, dt)
+        for slot in ("adamw", "sophia", "sophia_k10", "fwd_bwd", "sophia", "forward"):
+            name = sophia.next_variant() if slot == "sophia" else slot
+            trainer = {"sophia": sophia, "sophia_k10": sophia_k10}.get(slot)
+            t0 = time.perf_counter()
+            (trainer.checked_step if trainer else steps[slot])(x, y)
+            first_call_s.setdefault(name, time.perf_counter() - t0)
         print(f"  warm-up round {i + 1}/{warmup}", file=sys.stderr, flush=True)
 
-    rounds: list[dict[str, float]] = []
-    for r in range(repeats):
-        x, y = batches[r % N_BATCHES]
-        row: dict[str, float] = {}
-        for i in order_rng.permutation(len(slots)):
-            slot = slots[i]
-            name, dt = call(slot, x, y)
-            row[name] = 1e3 * dt
-        rounds.append(row)
+    batch = list(batches[0])
 
-    times = {v: [row[v] for row in rounds] for v in VARIANTS}
-    results = {
-        v: {
-            "median_ms": statistics.median(t),
-            "min_ms": min(t),
-            "max_ms": max(t),
-            "repeats": len(t),
-            "first_call_s": first_call_s.get(v),
-        }
-        for v, t in times.items()
-    }
+    def sophia_step(variant: str) -> Callable[[], None]:
+        def call() -> None:
+            if sophia.next_variant() != variant:  # refresh_first keeps the refresh first
+                raise RuntimeError(f"{variant} timed on a {sophia.next_variant()} step")
+            sophia.step(*batch)
+
+        return call
+
+    calls: dict[str, Callable[[], object]] = {k: (lambda f=f: f(*batch)) for k, f in steps.items()}
+    calls.update(
+        sophia_refresh=sophia_step("sophia_refresh"), sophia_plain=sophia_step("sophia_plain")
+    )
+    samples = interleave(
+        {v: calls[v] for v in VARIANTS},
+        repeats,
+        order=refresh_first(shuffled([seed, 1])),
+        before_round=lambda r: batch.__setitem__(slice(None), batches[r % N_BATCHES]),
+    )
+    times = samples.wall_ms
+    rounds = [{v: times[v][r] for v in VARIANTS} for r in range(repeats)]
+    results = {v: {**describe(t), "first_call_s": first_call_s.get(v)} for v, t in times.items()}
     medians = {v: r["median_ms"] for v, r in results.items()}
     minima = {v: r["min_ms"] for v, r in results.items()}
     figures = {
@@ -328,15 +340,9 @@ def k10_run_figure(sophia_ms: list[float], adamw_ms: list[float]) -> dict[str, f
     }
 
 
-def host_info(frameworks: list[str]) -> dict[str, Any]:
-    """The demo's :func:`machine_info` plus usable cores, threads and the load average."""
-    info = machine_info([load_backend(fw) for fw in frameworks])
-    try:
-        info["usable_cores"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        info["usable_cores"] = os.cpu_count()
-    for var in ("OMP_NUM_THREADS", "XLA_FLAGS"):
-        info[var] = os.environ.get(var, "")
+def machine(frameworks: list[str]) -> dict[str, Any]:
+    """:func:`harness.machine.host_info` with each framework's device, threads and versions."""
+    info = host_info([load_backend(fw) for fw in frameworks])
     if "jax" in frameworks:
         import jaxlib
 
@@ -345,7 +351,6 @@ def host_info(frameworks: list[str]) -> dict[str, Any]:
         import torch
 
         info["torch"]["interop_threads"] = str(torch.get_num_interop_threads())
-    info["loadavg_start"] = list(os.getloadavg())
     return info
 
 
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg = dataclasses.replace(cfg, hessian_batch=args.hessian_batch)
         except ValueError as e:  # RunConfig's check
             ap.error(f"--hessian-batch: {e}")
-    info = host_info(frameworks)
+    info = machine(frameworks)
     per_fw = {fw: bench_framework(fw, cfg, args.warmup, repeats, args.seed) for fw in frameworks}
     info["loadavg_end"] = list(os.getloadavg())
     out = {
@@ -410,8 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": {"k10_over_adamw": TARGET_K10_OVER_ADAMW},
         "frameworks": per_fw,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     report(out)
     return out
 

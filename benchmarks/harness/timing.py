@@ -60,6 +60,7 @@ def interleave(
     warmup: int = 0,
     order: Order = rotating,
     clock: Clock = wall_and_cpu,
+    before_round: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Samples:
     """Calls every variant ``warmup`` times untimed, then once per round for ``rounds`` rounds.
@@ -71,6 +72,7 @@ def interleave(
       warmup: untimed calls of each variant first (compilation, allocation).
       order: the order of each round (:func:`rotating` by default).
       clock: how one call is timed (:func:`wall_and_cpu` by default).
+      before_round: prepares round ``r`` untimed (say, the round's batch).
       log: where to say how the warm-up and each round went (``None``: silent).
 
     Returns:
@@ -85,6 +87,8 @@ def interleave(
             log(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s for {warmup} call(s)")
     out = Samples({k: [] for k in names}, {k: [] for k in names})
     for r in range(rounds):
+        if before_round:
+            before_round(r)
         for name in order(names, r):
             wall, cpu = clock(calls[name])
             out.wall_ms[name].append(1e3 * wall)
