@@ -17,15 +17,15 @@ Example (the Hessian is refreshed at the start of every step ``t`` with
 """
 
 from sophia.torch import functional
-from sophia.torch.estimators import gnb, hutchinson, sample_labels, sampled_label_grads
-from sophia.torch.functional import hessian_ema, sophia_g
-from sophia.torch.optimizer import (
+from sophia.torch._misuse import (
     HessianNotRefreshedWarning,
     LabelCountWarning,
     RepeatedRefreshWarning,
-    SophiaG,
     SophiaGWarning,
 )
+from sophia.torch.estimators import gnb, hutchinson, sample_labels, sampled_label_grads
+from sophia.torch.functional import hessian_ema, sophia_g
+from sophia.torch.optimizer import SophiaG
 
 __all__ = [
     "HessianNotRefreshedWarning",

@@ -13,22 +13,10 @@ from sophia import spec
 from sophia.torch import _diagnostics, _refresh, estimators
 from sophia.torch import _group_state as gstate
 from sophia.torch._fused import FUSED_DEVICES
-from sophia.torch._misuse import (
-    HessianNotRefreshedWarning,
-    LabelCountWarning,
-    MisuseMonitor,
-    RepeatedRefreshWarning,
-    SophiaGWarning,
-)
+from sophia.torch._misuse import MisuseMonitor
 from sophia.torch.functional import check_not_fused_and_foreach, hessian_ema, sophia_g
 
-__all__ = [
-    "HessianNotRefreshedWarning",
-    "LabelCountWarning",
-    "RepeatedRefreshWarning",
-    "SophiaG",
-    "SophiaGWarning",
-]
+__all__ = ["SophiaG"]
 
 _D = spec.DEFAULTS
 #: The param-group keys :func:`sophia.spec.validate` checks.
@@ -125,9 +113,9 @@ class SophiaG(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = {
+        hyperparameters = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": betas,
             "rho": rho,
             "weight_decay": weight_decay,
             "maximize": maximize,
@@ -139,7 +127,8 @@ class SophiaG(Optimizer):
             "fused": fused,
         }
         # the defaults once here; each group then checks only what it sets itself
-        _validate({**defaults, "betas": betas})
+        _validate(hyperparameters)
+        defaults = {**hyperparameters, "betas": tuple(betas)}
         self._misuse = MisuseMonitor()
         super().__init__(params, defaults)
 
