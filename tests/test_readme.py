@@ -230,7 +230,7 @@ def _check_flax_nnx(ns: dict[str, Any]) -> None:
     stats = ns["stats"]
     # step 0 refreshed the Hessian from the model, on the masked-in positions only
     assert float(stats["hessian_norm"]) > 0 and int(stats["count"]) == 1
-    assert float(ns["optimizer"].opt_state[0].bs[...]) == BATCH * (SEQ - 1)
+    assert float(ns["optimizer"].opt_state[0].label_count[...]) == BATCH * (SEQ - 1)
 
 
 def _flax_linen() -> dict[str, Any]:

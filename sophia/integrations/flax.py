@@ -56,22 +56,36 @@ import sophia.jax as sj
 __all__ = ["TrainState", "diagnostics", "logits_fn"]
 
 
-def _static_to_state_dict(flag: sj.StaticFlag) -> dict[str, Any]:
-    return {}
+#: Fields of a version-1 ScaleBySophiaState (``sj.STATE_LAYOUT_VERSION``) that held
+#: configuration; version 2 keeps it in the transform.
+_V1_CONFIG_FIELDS = ("b2", "rho0", "dynamic", "bs", "eps", "step_diagnostics", "bs_from_refresh")
+_restore_any_namedtuple = serialization._STATE_DICT_REGISTRY[serialization._NamedTuple][1]  # noqa: SLF001
 
 
-def _static_from_state_dict(flag: sj.StaticFlag, state: dict[str, Any]) -> sj.StaticFlag:
-    return flag
+def _restore_namedtuple(target: Any, state: dict[str, Any]) -> Any:
+    """Flax's NamedTuple restore, reading Sophia states saved in layout version 1 too."""
+    if isinstance(target, sj.ScaleBySophiaState) and "rho0" in state:
+        v2 = set(target._fields) - {"label_count"}
+        if set(state) != v2 | set(_V1_CONFIG_FIELDS):
+            raise ValueError(
+                f"sophia: a saved ScaleBySophiaState with fields {sorted(state)} is neither "
+                f"layout version 1 nor {sj.STATE_LAYOUT_VERSION} (fields {list(target._fields)})"
+            )
+        # Version 1 kept the bs in force as a field: the label count a bs=None state follows.
+        follows = target.label_count is not None
+        state = {k: state[k] for k in v2} | {"label_count": state["bs"] if follows else None}
+    return _restore_any_namedtuple(target, state)
 
 
-# flax.serialization (to_bytes of a TrainState, msgpack checkpoints) walks every field of
-# a NamedTuple, including the StaticFlags that ScaleBySophiaState keeps in its pytree
-# structure, and cannot pack them. They are configuration, not state: nothing is saved
-# and the template's flag (from the transform that restores) is kept.
-if sj.StaticFlag not in serialization._STATE_DICT_REGISTRY:  # noqa: SLF001 - no public lookup
-    serialization.register_serialization_state(
-        sj.StaticFlag, _static_to_state_dict, _static_from_state_dict
-    )
+# flax.serialization (to_bytes of a TrainState, msgpack checkpoints) restores every
+# NamedTuple with one handler; this one delegates to it, after turning a Sophia state
+# saved in layout version 1 (with configuration fields) into the current layout.
+serialization.register_serialization_state(
+    serialization._NamedTuple,  # noqa: SLF001 - flax's marker for every NamedTuple
+    serialization._STATE_DICT_REGISTRY[serialization._NamedTuple][0],  # noqa: SLF001
+    _restore_namedtuple,
+    override=True,
+)
 
 #: Keyword arguments of ``tx.update`` that feed SophiaG's Hessian refresh.
 REFRESH_ARGS = ("logits_fn", "logits", "logits_vjp", "mask", "labels", "obj_fn")

@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -56,7 +56,8 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SCALAR_DTYPES = ("float32", "float64")
 
 
-def _fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
+    """Raises ``ValueError(msg)``: how every part of :mod:`sophia.interop` refuses input."""
     raise ValueError(msg)
 
 
@@ -76,7 +77,7 @@ def storage_array(x: np.ndarray, dtype: str) -> np.ndarray:
         if x.dtype == np.uint16:
             return x
         if x.dtype.name != "bfloat16":
-            _fail(f"expected a bfloat16 array, got {x.dtype}")
+            fail(f"expected a bfloat16 array, got {x.dtype}")
         return x.view(np.uint16)
     return x
 
@@ -177,27 +178,27 @@ class Checkpoint:
     def validate(self) -> None:
         """Checks the whole checkpoint; raises ``ValueError`` naming the first problem."""
         if not isinstance(self.groups, list) or not self.groups:
-            _fail("sophia checkpoint: no param groups")
+            fail("sophia checkpoint: no param groups")
         seen: set[str] = set()
         for gi, g in enumerate(self.groups):
             where = f"sophia checkpoint, group {gi}"
             if not isinstance(g, GroupState):
-                _fail(f"{where}: expected a GroupState, got {type(g).__name__}")
+                fail(f"{where}: expected a GroupState, got {type(g).__name__}")
             if not isinstance(g.names, list) or not all(isinstance(n, str) and n for n in g.names):
-                _fail(f"{where}: names must be a list of non-empty strings")
+                fail(f"{where}: names must be a list of non-empty strings")
             for n in g.names:
                 if n in seen:
-                    _fail(f"{where}: parameter name {n!r} appears twice")
+                    fail(f"{where}: parameter name {n!r} appears twice")
                 seen.add(n)
             if isinstance(g.step, bool) or not isinstance(g.step, (int, np.integer)):
-                _fail(f"{where}: step must be an integer, got {g.step!r}")
+                fail(f"{where}: step must be an integer, got {g.step!r}")
             if g.step < 0:
-                _fail(f"{where}: step must be >= 0, got {g.step}")
+                fail(f"{where}: step must be >= 0, got {g.step}")
             for kind in ("mu", "hessian"):
                 arrays = getattr(g, kind)
                 if not isinstance(arrays, Mapping) or set(arrays) != set(g.names):
                     got = sorted(arrays) if isinstance(arrays, Mapping) else arrays
-                    _fail(f"{where}: {kind} must have exactly the names {g.names}, got {got}")
+                    fail(f"{where}: {kind} must have exactly the names {g.names}, got {got}")
             wide = False
             for n in g.names:
                 shapes = []
@@ -205,63 +206,63 @@ class Checkpoint:
                     x = getattr(g, kind)[n]
                     dt = g.dtypes.get(f"{kind}/{n}")
                     if dt not in _DTYPES:
-                        _fail(f"{where}: {kind} of {n!r} has dtype {dt!r} (allowed: {_DTYPES})")
+                        fail(f"{where}: {kind} of {n!r} has dtype {dt!r} (allowed: {_DTYPES})")
                     if not isinstance(x, np.ndarray) or x.dtype != _expected_storage(dt):
                         got = getattr(x, "dtype", type(x).__name__)
-                        _fail(
+                        fail(
                             f"{where}: {kind} of {n!r} is declared {dt} but holds {got} "
                             f"(expected {_expected_storage(dt)})"
                         )
                     shapes.append(x.shape)
                 if shapes[0] != shapes[1]:
-                    _fail(
+                    fail(
                         f"{where}: mu of {n!r} has shape {shapes[0]} but its hessian has "
                         f"shape {shapes[1]}"
                     )
                 wide |= g.dtypes[f"hessian/{n}"] == "float64"
             extra = set(g.dtypes) - {f"{k}/{n}" for k in ("mu", "hessian") for n in g.names}
             if extra:
-                _fail(f"{where}: dtypes for unknown arrays {sorted(extra)}")
+                fail(f"{where}: dtypes for unknown arrays {sorted(extra)}")
             want_sd = "float64" if wide else "float32"
             for field in ("rho", "win_rate"):
                 x = getattr(g, field)
                 if not isinstance(x, np.ndarray) or x.shape != () or str(x.dtype) != want_sd:
                     got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
-                    _fail(
+                    fail(
                         f"{where}: {field} must be a 0-d {want_sd} array (the scalar dtype of "
                         f"the group's parameters), got {got}"
                     )
             if not float(g.rho) > 0 or math.isinf(float(g.rho)):
-                _fail(f"{where}: rho must be a number in (0, inf), got {float(g.rho)!r}")
+                fail(f"{where}: rho must be a number in (0, inf), got {float(g.rho)!r}")
             wr = float(g.win_rate)
             if not (math.isnan(wr) or 0.0 <= wr <= 1.0):
-                _fail(f"{where}: win_rate must be in [0, 1] (or NaN), got {wr!r}")
+                fail(f"{where}: win_rate must be in [0, 1] (or NaN), got {wr!r}")
             _validate_hyperparams(g.hyperparams, where)
             if g.key is not None:
                 if not isinstance(g.key, np.ndarray) or g.key.dtype != np.uint32:
-                    _fail(f"{where}: key must be a uint32 array of raw PRNG key data")
+                    fail(f"{where}: key must be a uint32 array of raw PRNG key data")
             if g.key_impl is not None and (g.key is None or not isinstance(g.key_impl, str)):
-                _fail(f"{where}: key_impl needs a key and must be a string")
+                fail(f"{where}: key_impl needs a key and must be a string")
             lc = g.label_count
             if lc is not None and (
                 isinstance(lc, bool) or not isinstance(lc, (int, np.integer)) or lc < 1
             ):
-                _fail(f"{where}: label_count must be an integer >= 1 or None, got {lc!r}")
+                fail(f"{where}: label_count must be an integer >= 1 or None, got {lc!r}")
 
 
 def _validate_hyperparams(hp: Any, where: str) -> None:
     if not isinstance(hp, Mapping):
-        _fail(f"{where}: hyperparams must be a mapping, got {type(hp).__name__}")
+        fail(f"{where}: hyperparams must be a mapping, got {type(hp).__name__}")
     unknown = set(hp) - set(HYPERPARAM_KEYS)
     if unknown:
-        _fail(f"{where}: unknown hyperparameters {sorted(unknown)} (allowed: {HYPERPARAM_KEYS})")
+        fail(f"{where}: unknown hyperparameters {sorted(unknown)} (allowed: {HYPERPARAM_KEYS})")
     kw: dict[str, Any] = {}
     for k, v in hp.items():
         if k in ("maximize", "dynamic"):
             if not isinstance(v, bool):
-                _fail(f"{where}: hyperparameter {k} must be true or false, got {v!r}")
+                fail(f"{where}: hyperparameter {k} must be true or false, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            _fail(f"{where}: hyperparameter {k} must be a number, got {v!r}")
+            fail(f"{where}: hyperparameter {k} must be a number, got {v!r}")
         if k not in ("b1", "b2"):
             kw[k] = v
     betas = (hp.get("b1", spec.DEFAULTS.betas[0]), hp.get("b2", spec.DEFAULTS.betas[1]))
@@ -388,9 +389,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
     except Exception as e:  # noqa: BLE001 - safetensors' own error types vary across versions
         raise ValueError(f"{where}: not a readable safetensors file ({e})") from None
     if metadata.get("format") != FORMAT_NAME:
-        _fail(f"{where}: not a SophiaG optimizer state (format {metadata.get('format')!r})")
+        fail(f"{where}: not a SophiaG optimizer state (format {metadata.get('format')!r})")
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        _fail(
+        fail(
             f"{where}: format version {metadata.get('format_version')!r} is not supported "
             f"(this sophia reads version {FORMAT_VERSION})"
         )
@@ -405,10 +406,10 @@ def load(path: str | os.PathLike) -> Checkpoint:
     groups = []
     for gi, rg in enumerate(raw_groups):
         if not isinstance(rg, dict) or not {"names", "hyperparams", "dtypes"} <= set(rg):
-            _fail(f"{where}: header of group {gi} lacks names/hyperparams/dtypes")
+            fail(f"{where}: header of group {gi} lacks names/hyperparams/dtypes")
         names = rg["names"]
         if not isinstance(names, list) or not isinstance(rg["dtypes"], dict):
-            _fail(f"{where}: header of group {gi} is malformed")
+            fail(f"{where}: header of group {gi} is malformed")
         keys = [f"{k}/{n}" for n in names for k in ("mu", "hessian")]
         keys += [f"group{gi}/{k}" for k in ("rho", "win_rate", "step")]
         if rg.get("has_key"):
@@ -417,14 +418,14 @@ def load(path: str | os.PathLike) -> Checkpoint:
             keys.append(f"group{gi}/label_count")
         missing = [k for k in keys if k not in tensors]
         if missing:
-            _fail(f"{where}: missing tensors {missing}")
+            fail(f"{where}: missing tensors {missing}")
         expected.update(keys)
         step = tensors[f"group{gi}/step"]
         if step.dtype != np.int64 or step.shape != ():
-            _fail(f"{where}: group{gi}/step must be a 0-d int64, got {step.dtype} {step.shape}")
+            fail(f"{where}: group{gi}/step must be a 0-d int64, got {step.dtype} {step.shape}")
         count = tensors.get(f"group{gi}/label_count")
         if count is not None and (count.dtype != np.int64 or count.shape != ()):
-            _fail(
+            fail(
                 f"{where}: group{gi}/label_count must be a 0-d int64, got {count.dtype} "
                 f"{count.shape}"
             )
@@ -445,7 +446,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
         )
     extra = sorted(set(tensors) - expected)
     if extra:
-        _fail(f"{where}: unexpected tensors {extra}")
+        fail(f"{where}: unexpected tensors {extra}")
     ckpt = Checkpoint(groups)
     try:
         ckpt.validate()

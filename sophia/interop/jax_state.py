@@ -16,11 +16,13 @@ from sophia.interop.checkpoint import (
     HYPERPARAM_KEYS,
     Checkpoint,
     GroupState,
+    fail,
     hyperparam_mismatches,
     mismatch_error,
     storage_array,
 )
-from sophia.jax.transform import ScaleBySophiaState
+from sophia.jax.real_pairs import sq_norm
+from sophia.jax.state import ScaleBySophiaState
 
 __all__ = ["from_jax", "jax_param_names", "to_jax"]
 
@@ -29,10 +31,6 @@ _INT32_MAX = 2**31 - 1
 
 Names = Sequence[str] | Callable[[tuple[Any, ...]], str] | None
 HyperParams = spec.SophiaHyperParams | Mapping[str, Any] | None
-
-
-def _fail(msg: str) -> None:
-    raise ValueError(msg)
 
 
 def _key_name(k: Any) -> str:
@@ -63,15 +61,15 @@ def jax_param_names(params: optax.Params, names: Names = None) -> list[str]:
         out = [names(p) for p in paths]
     else:
         if isinstance(names, str):
-            _fail("sophia.interop: names must be a list of strings, not a string")
+            fail("sophia.interop: names must be a list of strings, not a string")
         out = list(names)
         if len(out) != len(paths):
-            _fail(f"sophia.interop: got {len(out)} names for {len(paths)} parameter leaves")
+            fail(f"sophia.interop: got {len(out)} names for {len(paths)} parameter leaves")
     if not all(isinstance(n, str) and n for n in out):
-        _fail("sophia.interop: parameter names must be non-empty strings")
+        fail("sophia.interop: parameter names must be non-empty strings")
     if len(set(out)) != len(out):
         dup = sorted({n for n in out if out.count(n) > 1})
-        _fail(f"sophia.interop: parameter names are not unique: {dup}")
+        fail(f"sophia.interop: parameter names are not unique: {dup}")
     return out
 
 
@@ -127,7 +125,7 @@ def _states(tree: Any) -> list[ScaleBySophiaState]:
 def _group_leaves(state: ScaleBySophiaState, names: list[str], field: str) -> list[tuple]:
     leaves, _ = jax.tree.flatten(getattr(state, field), is_leaf=_is_masked)
     if len(leaves) != len(names):
-        _fail(
+        fail(
             f"sophia.interop: the state's {field} has {len(leaves)} leaves but the parameters "
             f"have {len(names)}; pass the parameter pytree the state was made for"
         )
@@ -151,20 +149,25 @@ def _hp_dict(hp: HyperParams) -> dict[str, Any] | None:
             d["lr"] = d.pop("learning_rate")
         unknown = set(d) - set(HYPERPARAM_KEYS)
         if unknown:
-            _fail(f"sophia.interop: unknown hyperparameters {sorted(unknown)}")
+            fail(f"sophia.interop: unknown hyperparameters {sorted(unknown)}")
         return {k: (bool(v) if k in ("maximize", "dynamic") else float(v)) for k, v in d.items()}
-    _fail(f"sophia.interop: hyperparams must be a SophiaHyperParams or a dict, got {hp!r}")
+    fail(f"sophia.interop: hyperparams must be a SophiaHyperParams or a dict, got {hp!r}")
     return None
 
 
-def _state_hp(s: ScaleBySophiaState) -> dict[str, Any]:
-    return {"b2": float(s.b2), "rho": float(s.rho0), "dynamic": bool(s.dynamic)}
+def _template_hp(s: ScaleBySophiaState) -> dict[str, Any]:
+    """What a fresh state (``tx.init(params)``) knows of its hyperparameters: the configured rho.
+
+    The configuration lives in the transform, not in the state; a fresh state's
+    ``rho`` is the configured one (the dynamic rule has not moved it yet).
+    """
+    return {"rho": float(s.rho)} if int(s.count) == 0 else {}
 
 
 def _to_numpy(x: jax.Array, what: str) -> tuple[np.ndarray, str]:
     name = jnp.dtype(x.dtype).name
     if name not in _DTYPES:
-        _fail(f"sophia.interop: {what} has dtype {name} (allowed: {_DTYPES})")
+        fail(f"sophia.interop: {what} has dtype {name} (allowed: {_DTYPES})")
     return storage_array(np.array(x, copy=True), name), name
 
 
@@ -172,6 +175,18 @@ def _from_numpy(x: np.ndarray, dtype: str) -> jax.Array:
     if dtype == "bfloat16":
         return jnp.asarray(x.view(jnp.bfloat16))
     return jnp.asarray(x)
+
+
+def _per_state(
+    hyperparams: HyperParams | Sequence[HyperParams], n_states: int
+) -> list[dict[str, Any] | None]:
+    """One hyperparameter dict (or ``None``) per Sophia state: a list of them, or one for all."""
+    if isinstance(hyperparams, (list, tuple)):
+        hps = [_hp_dict(h) for h in hyperparams]
+        if len(hps) != n_states:
+            fail(f"sophia.interop: {len(hps)} hyperparams for {n_states} Sophia states")
+        return hps
+    return [_hp_dict(hyperparams)] * n_states
 
 
 def from_jax(
@@ -189,10 +204,11 @@ def from_jax(
     parameters it does not mask. The PRNG key of the built-in estimator is
     kept.
 
-    The state knows only ``b2``, ``rho`` and ``dynamic`` of the
-    hyperparameters; pass ``hyperparams`` (a :class:`sophia.spec.SophiaHyperParams`
-    or a dict, or one per group) to record the rest. They are checked against
-    what the state knows.
+    The state holds no hyperparameters (they live in the transform): pass
+    ``hyperparams`` (a :class:`sophia.spec.SophiaHyperParams` or a dict, or one
+    per group) to record them, so that :func:`sophia.interop.to_torch` and
+    :func:`to_jax` can check the optimizer they load into. Without them the
+    checkpoint records none.
 
     Args:
       opt_state: the optimizer state.
@@ -206,28 +222,13 @@ def from_jax(
     names = jax_param_names(params, names)
     states = _states(opt_state)
     if not states:
-        _fail(
+        fail(
             "sophia.interop: opt_state holds no ScaleBySophiaState; pass the state of "
             "sophia_g / sophia_h (or of a chain or multi_transform containing one)"
         )
-    if isinstance(hyperparams, (list, tuple)):
-        hps = [_hp_dict(h) for h in hyperparams]
-        if len(hps) != len(states):
-            _fail(f"sophia.interop: {len(hps)} hyperparams for {len(states)} Sophia states")
-    else:
-        hps = [_hp_dict(hyperparams)] * len(states)
+    hps = _per_state(hyperparams, len(states))
     groups = []
-    for si, (s, hp) in enumerate(zip(states, hps)):
-        sd = jnp.dtype(s.rho.dtype).name
-        known = _state_hp(s)
-        if hp is None:
-            hp = known
-        else:
-            diffs = hyperparam_mismatches(hp, known, sd)
-            if diffs:
-                raise mismatch_error(
-                    f"sophia.interop: Sophia state {si} (hyperparams given vs the state's)", diffs
-                )
+    for s, hp in zip(states, hps):
         mu, hess, dtypes = {}, {}, {}
         mu_leaves = _group_leaves(s, names, "mu")
         for n, x in mu_leaves:
@@ -247,21 +248,16 @@ def from_jax(
                 mu=mu,
                 hessian=hess,
                 dtypes=dtypes,
-                hyperparams=hp,
+                hyperparams={} if hp is None else hp,
                 key=np.array(key, dtype=np.uint32, copy=True),
                 key_impl=impl,
                 # bs=None: the count the state's bs follows (torch keeps it as group_label_count)
-                label_count=int(s.bs) if s.bs_from_refresh else None,
+                label_count=None if s.label_count is None else int(s.label_count),
             )
         )
     ckpt = Checkpoint(groups)
     ckpt.validate()
     return ckpt
-
-
-def _sq_norm(tree: Any, sd: jnp.dtype) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree) if not _is_masked(x)]
-    return sum((jnp.sum(jnp.square(x.astype(sd))) for x in leaves), jnp.zeros([], sd))
 
 
 def to_jax(
@@ -270,6 +266,7 @@ def to_jax(
     params: optax.Params,
     *,
     names: Names = None,
+    hyperparams: HyperParams | Sequence[HyperParams] = None,
     check_hyperparams: bool = True,
 ) -> optax.OptState:
     """The optimizer state that continues from ``checkpoint``, shaped like ``template``.
@@ -280,8 +277,9 @@ def to_jax(
     current rho, win rate and (if the checkpoint has one) PRNG key; a
     learning-rate schedule's counter in the same chain gets the step too. The
     ``hessian_norm``/``momentum_norm`` diagnostics are recomputed. Everything is
-    checked (names, shapes, dtypes, and with ``check_hyperparams`` the state's
-    ``b2``, ``rho`` and ``dynamic``) before the state is built; nothing is
+    checked (names, shapes, dtypes, and with ``check_hyperparams`` the
+    checkpoint's recorded hyperparameters against ``hyperparams`` and the
+    template's configured ``rho``) before the state is built; nothing is
     modified in place.
 
     Args:
@@ -289,7 +287,10 @@ def to_jax(
       template: ``tx.init(params)`` of the target optimizer.
       params: the parameter pytree (names and masking).
       names: how leaves are named, see :func:`jax_param_names`.
-      check_hyperparams: raise if ``b2``, ``rho`` or ``dynamic`` differ.
+      hyperparams: the target transform's hyperparameters (as for
+        :func:`from_jax`, or one per Sophia state), to check against the
+        checkpoint's; the template itself knows only its configured ``rho``.
+      check_hyperparams: raise if a hyperparameter known on both sides differs.
 
     Returns:
       The new optimizer state.
@@ -298,14 +299,15 @@ def to_jax(
     names = jax_param_names(params, names)
     states = _states(template)
     if not states:
-        _fail("sophia.interop: the template holds no ScaleBySophiaState (pass tx.init(params))")
+        fail("sophia.interop: the template holds no ScaleBySophiaState (pass tx.init(params))")
+    targets = _per_state(hyperparams, len(states))
     claimed: set[str] = set()
     plans: dict[int, GroupState] = {}
     for si, s in enumerate(states):
         g_names = [n for n, _ in _group_leaves(s, names, "mu")]
         matches = [c for c in checkpoint.groups if set(c.names) == set(g_names)]
         if len(matches) != 1:
-            _fail(
+            fail(
                 f"sophia.interop: Sophia state {si} of the template holds parameters {g_names}, "
                 f"which match no group of the checkpoint (groups: "
                 f"{[c.names for c in checkpoint.groups]})"
@@ -314,26 +316,27 @@ def to_jax(
         claimed.update(cg.names)
         sd = jnp.dtype(s.rho.dtype).name
         if sd != cg.scalar_dtype:
-            _fail(
+            fail(
                 f"sophia.interop: Sophia state {si} has {sd} scalars but the checkpoint's group "
                 f"has {cg.scalar_dtype} (float64 parameters on one side only?)"
             )
         if cg.step > _INT32_MAX:
-            _fail(f"sophia.interop: step {cg.step} does not fit JAX's int32 counter")
+            fail(f"sophia.interop: step {cg.step} does not fit JAX's int32 counter")
         if check_hyperparams:
-            diffs = hyperparam_mismatches(cg.hyperparams, _state_hp(s), sd)
+            known = _template_hp(s) | (targets[si] or {})
+            diffs = hyperparam_mismatches(cg.hyperparams, known, sd)
             if diffs:
                 raise mismatch_error(f"sophia.interop: Sophia state {si}", diffs)
         for field, kind in (("mu", "mu"), ("hessian", "hessian")):
             for n, x in _group_leaves(s, names, field):
                 y, dt = getattr(cg, kind)[n], cg.dtypes[f"{kind}/{n}"]
                 if tuple(y.shape) != tuple(x.shape):
-                    _fail(
+                    fail(
                         f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
                         f"{tuple(y.shape)} but the state's has shape {tuple(x.shape)}"
                     )
                 if dt != jnp.dtype(x.dtype).name:
-                    _fail(
+                    fail(
                         f"sophia.interop: the checkpoint's {kind} of {n!r} is {dt} but the "
                         f"state's is {jnp.dtype(x.dtype).name}"
                     )
@@ -342,14 +345,14 @@ def to_jax(
             want = jax.random.key_data(s.key).shape if typed else s.key.shape
             impl = str(jax.random.key_impl(s.key)) if typed else None
             if cg.key.shape != want or cg.key_impl != impl:
-                _fail(
+                fail(
                     f"sophia.interop: the checkpoint's PRNG key ({cg.key_impl or 'raw'} "
                     f"{cg.key.shape}) does not fit the state's ({impl or 'raw'} {want})"
                 )
         plans[si] = cg
     unused = sorted(set(checkpoint.names) - claimed)
     if unused:
-        _fail(f"sophia.interop: the template has no Sophia state for the parameters {unused}")
+        fail(f"sophia.interop: the template has no Sophia state for the parameters {unused}")
 
     counter = iter(range(len(states)))
 
@@ -373,17 +376,17 @@ def to_jax(
             data = jnp.asarray(cg.key)
             typed = jnp.issubdtype(s.key.dtype, jax.dtypes.prng_key)
             key = jax.random.wrap_key_data(data, impl=cg.key_impl) if typed else data
-        follow = s.bs_from_refresh and cg.label_count is not None
+        follow = s.label_count is not None and cg.label_count is not None
         return s._replace(
-            bs=jnp.asarray(cg.label_count, sd) if follow else s.bs,
+            label_count=jnp.asarray(cg.label_count, sd) if follow else s.label_count,
             count=jnp.asarray(cg.step, jnp.int32),
             mu=mu,
             hessian=hessian,
             key=key,
             rho=jnp.asarray(cg.rho, sd),
             win_rate=jnp.asarray(cg.win_rate, sd),
-            hessian_norm=jnp.sqrt(_sq_norm(hessian, sd)),
-            momentum_norm=jnp.sqrt(_sq_norm(mu, sd)),
+            hessian_norm=jnp.sqrt(sq_norm(hessian, sd)),
+            momentum_norm=jnp.sqrt(sq_norm(mu, sd)),
         )
 
     def set_count(node: Any, s: ScaleBySophiaState) -> Any:

@@ -12,6 +12,7 @@ import torch
 from sophia.interop.checkpoint import (
     Checkpoint,
     GroupState,
+    fail,
     hyperparam_mismatches,
     mismatch_error,
 )
@@ -33,14 +34,10 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 Names = Sequence[str] | torch.nn.Module | None
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(msg)
-
-
 def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, str]:
     name = _DTYPE_NAMES.get(t.dtype)
     if name is None:
-        _fail(f"sophia.interop: {what} has dtype {t.dtype} (allowed: {sorted(_TORCH_DTYPES)})")
+        fail(f"sophia.interop: {what} has dtype {t.dtype} (allowed: {sorted(_TORCH_DTYPES)})")
     t = t.detach().cpu().contiguous()
     if name == "bfloat16":
         bits = t.view(torch.int16).numpy().view(np.uint16).reshape(tuple(t.shape))
@@ -73,7 +70,7 @@ def torch_param_names(optimizer: torch.optim.Optimizer, names: Names = None) -> 
         by_id = {id(p): n for n, p in names.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in by_id]
         if missing:
-            _fail(
+            fail(
                 f"sophia.interop: parameters {missing} of the optimizer are not parameters of "
                 "the given module"
             )
@@ -85,19 +82,19 @@ def _names_from_groups(groups: Sequence[Mapping[str, Any]], names: Any) -> list[
     n_params = sum(len(g["params"]) for g in groups)
     if names is None:
         if not all("param_names" in g for g in groups):
-            _fail(
+            fail(
                 "sophia.interop: parameter names are needed: pass names=model (with the "
                 "optimizer) or a list of names in state-dict order, or build the optimizer "
                 "from model.named_parameters()"
             )
         names = [n for g in groups for n in g["param_names"]]
     if isinstance(names, str) or not isinstance(names, Sequence):
-        _fail(f"sophia.interop: names must be a list of strings, got {type(names).__name__}")
+        fail(f"sophia.interop: names must be a list of strings, got {type(names).__name__}")
     names = list(names)
     if len(names) != n_params:
-        _fail(f"sophia.interop: got {len(names)} names for {n_params} parameters")
+        fail(f"sophia.interop: got {len(names)} names for {n_params} parameters")
     if len(set(names)) != len(names):
-        _fail("sophia.interop: parameter names must be unique")
+        fail("sophia.interop: parameter names must be unique")
     return names
 
 
@@ -152,10 +149,10 @@ def from_torch(
         sd = optimizer.state_dict()
     else:
         if isinstance(names, torch.nn.Module):
-            _fail("sophia.interop: names=module needs the optimizer, not its state dict")
+            fail("sophia.interop: names=module needs the optimizer, not its state dict")
         sd = optimizer
         if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
-            _fail("sophia.interop: expected an optimizer or a state dict with state/param_groups")
+            fail("sophia.interop: expected an optimizer or a state dict with state/param_groups")
         names = _names_from_groups(sd["param_groups"], names)
         shapes = None
     state = sd["state"]
@@ -165,7 +162,7 @@ def from_torch(
         where = f"sophia.interop: param group {gi}"
         missing = [h for h in ("betas", "rho", "bs", "eps", "dynamic") if h not in group]
         if missing:
-            _fail(f"{where} lacks {missing}: not a sophia.torch.SophiaG state dict")
+            fail(f"{where} lacks {missing}: not a sophia.torch.SophiaG state dict")
         g_names, mu, hess, dtypes = [], {}, {}, {}
         per_param_steps = []
         wide = False
@@ -176,7 +173,7 @@ def from_torch(
                 t = st.get(key)
                 if t is None:
                     if shapes is None:
-                        _fail(
+                        fail(
                             f"{where}: parameter {n!r} has no {key!r}; pass the optimizer "
                             "(not its state dict) so its shape is known"
                         )
@@ -206,7 +203,7 @@ def from_torch(
             rho = np.asarray(float(group["rho"]), sdt).reshape(())
             win = np.asarray(math.nan if step else 0.0, sdt)
         if step != int(step):
-            _fail(f"{where}: step {step} is not an integer")
+            fail(f"{where}: step {step} is not an integer")
         groups.append(
             GroupState(
                 names=g_names,
@@ -258,7 +255,7 @@ def torch_state_dict(
     if set(checkpoint.names) != set(names):
         only_ck = sorted(set(checkpoint.names) - set(names))
         only_opt = sorted(set(names) - set(checkpoint.names))
-        _fail(
+        fail(
             "sophia.interop: the checkpoint's parameters do not match the optimizer's "
             f"(only in the checkpoint: {only_ck}; only in the optimizer: {only_opt})"
         )
@@ -270,7 +267,7 @@ def torch_state_dict(
         k += len(group["params"])
         matches = [c for c in checkpoint.groups if set(c.names) == set(g_names)]
         if len(matches) != 1:
-            _fail(
+            fail(
                 f"sophia.interop: param group {gi} of the optimizer ({g_names}) matches no "
                 "group of the checkpoint; groups must hold the same parameters on both sides "
                 "(in JAX: one ScaleBySophiaState per group, e.g. with optax.multi_transform)"
@@ -286,19 +283,19 @@ def torch_state_dict(
                 x = getattr(cg, kind)[n]
                 dt = cg.dtypes[f"{kind}/{n}"]
                 if tuple(x.shape) != tuple(p.shape):
-                    _fail(
+                    fail(
                         f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
                         f"{tuple(x.shape)} but the parameter has shape {tuple(p.shape)}"
                     )
                 if _TORCH_DTYPES[dt] != p.dtype:
-                    _fail(
+                    fail(
                         f"sophia.interop: the checkpoint's {kind} of {n!r} is {dt} but the "
                         f"parameter is {p.dtype} (torch keeps exp_avg and hessian in the "
                         "parameter's dtype)"
                     )
         sdt = torch.float64 if cg.scalar_dtype == "float64" else torch.float32
         if any(p.dtype == torch.float64 for p in group["params"]) != (sdt == torch.float64):
-            _fail(f"sophia.interop: param group {gi}: scalar dtype {cg.scalar_dtype} mismatch")
+            fail(f"sophia.interop: param group {gi}: scalar dtype {cg.scalar_dtype} mismatch")
         for n in g_names:
             new_state[id_of[n]] = {
                 "step": torch.tensor(float(cg.step), dtype=torch.float32),

@@ -12,6 +12,7 @@ Example::
 """
 
 from sophia.jax.alias import sophia_g, sophia_h
+from sophia.jax.diagnostics import diagnostics
 from sophia.jax.estimators import (
     gnb,
     gnb_from_vjp,
@@ -20,27 +21,23 @@ from sophia.jax.estimators import (
     label_count,
     sample_labels,
 )
-from sophia.jax.transform import (
+from sophia.jax.param_dtype import to_param_dtype
+from sophia.jax.real_pairs import add_decayed_weights, on_real_pairs, scale_by_learning_rate
+from sophia.jax.state import (
+    STATE_LAYOUT_VERSION,
     Estimate,
     Estimator,
     LabelCountWarning,
     ScaleBySophiaState,
-    StaticFlag,
-    add_decayed_weights,
-    diagnostics,
-    on_real_pairs,
-    scale_by_learning_rate,
-    scale_by_sophia,
-    to_param_dtype,
-    update_hessian,
 )
+from sophia.jax.transform import scale_by_sophia, update_hessian
 
 __all__ = [
     "Estimate",
     "Estimator",
     "LabelCountWarning",
+    "STATE_LAYOUT_VERSION",
     "ScaleBySophiaState",
-    "StaticFlag",
     "add_decayed_weights",
     "diagnostics",
     "gnb",
@@ -57,3 +54,12 @@ __all__ = [
     "to_param_dtype",
     "update_hessian",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "StaticFlag":
+        raise AttributeError(
+            "sophia.jax.StaticFlag was removed: ScaleBySophiaState no longer holds "
+            "configuration (step_diagnostics and bs=None live in the transform)"
+        )
+    raise AttributeError(f"module 'sophia.jax' has no attribute {name!r}")

@@ -13,13 +13,10 @@ import optax
 
 from sophia import spec
 from sophia.jax.estimators import gnb, gnb_with_label_count, hutchinson
-from sophia.jax.transform import (
-    Estimator,
-    add_decayed_weights,
-    scale_by_learning_rate,
-    scale_by_sophia,
-    to_param_dtype,
-)
+from sophia.jax.param_dtype import to_param_dtype
+from sophia.jax.real_pairs import add_decayed_weights, scale_by_learning_rate
+from sophia.jax.state import Estimator
+from sophia.jax.transform import scale_by_sophia
 
 __all__ = ["sophia_g", "sophia_h"]
 
@@ -104,8 +101,8 @@ def sophia_g(
         that differs from the count a refresh sees gets a one-time warning.
       eps: added to the denominator.
       hessian_update_interval: ``k``, refresh at the start of each step ``t``
-        with ``t % k == 0``; ``None`` for manual refreshes with
-        :func:`sophia.jax.update_hessian`.
+        with ``t % k == 0``; ``None`` for manual refreshes, an estimate passed
+        as ``update(grads, state, params, hessian=h_hat)``.
       estimator: ``"gnb"`` (:func:`sophia.jax.gnb`), ``"hutchinson"``
         (:func:`sophia.jax.hutchinson`) or an :data:`sophia.jax.Estimator`
         callable. A name keeps :func:`optax.inject_hyperparams` working without
@@ -122,8 +119,8 @@ def sophia_g(
         the global estimate (average the gradients over the same axis yourself,
         as usual). Leave ``None`` under plain ``jit`` with sharded arrays.
       step_diagnostics: compute the win rate and momentum norm at every step;
-        ``False`` computes them at Hessian refreshes only and makes the plain
-        step about a third faster where memory bandwidth bounds it (see
+        ``False`` computes them at Hessian refreshes only, which saves the
+        plain step a pass over ``m`` and ``h`` (see
         :func:`sophia.jax.scale_by_sophia`).
 
     Returns:

@@ -17,7 +17,7 @@ import optax
 from jax.extend import core as jax_core
 
 from sophia import spec
-from sophia.jax.transform import Estimate
+from sophia.jax.state import Estimate
 
 __all__ = [
     "gnb",
@@ -303,29 +303,22 @@ def gnb(
         logits do not depend on ``params`` (e.g. ``lambda p: model(x)``), which
         would make every estimate zero.
     """
-    return _gnb(
-        params,
-        key,
-        logits_fn=logits_fn,
-        logits=logits,
-        logits_vjp=logits_vjp,
-        labels=labels,
-        mask=mask,
-        axis_name=axis_name,
-    )[0]
+    return _gnb(params, key, logits_fn, logits, logits_vjp, labels, mask, axis_name)[0]
+
+
+#: The keyword arguments of ``update`` that :func:`gnb` reads, in ``_gnb``'s order.
+_GNB_ARGS = ("logits_fn", "logits", "logits_vjp", "labels", "mask", "axis_name")
 
 
 def _gnb(
     params: optax.Params,
     key: jax.Array,
-    *,
-    logits_fn: Callable[[optax.Params], jax.Array] | None = None,
-    logits: jax.Array | None = None,
-    logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None = None,
-    labels: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    axis_name: str | None = None,
-    **_: Any,
+    logits_fn: Callable[[optax.Params], jax.Array] | None,
+    logits: jax.Array | None,
+    logits_vjp: Callable[[jax.Array], tuple[optax.Params]] | None,
+    labels: jax.Array | None,
+    mask: jax.Array | None,
+    axis_name: str | None,
 ) -> tuple[optax.Params, Any]:
     """:func:`gnb` and the label count behind it."""
     if logits_vjp is not None:
@@ -344,7 +337,7 @@ def gnb_with_label_count(params: optax.Params, key: jax.Array, **extra_args: Any
     The estimator ``sophia_g`` refreshes with: the count becomes the state's
     ``bs`` when ``bs=None``. Takes the keyword arguments of :func:`gnb`.
     """
-    return Estimate(*_gnb(params, key, **extra_args))
+    return Estimate(*_gnb(params, key, *(extra_args.get(k) for k in _GNB_ARGS)))
 
 
 def _rademacher_like(key: jax.Array, tree: optax.Params) -> optax.Params:

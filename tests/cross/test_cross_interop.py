@@ -278,6 +278,22 @@ def test_hyperparameter_mismatch_is_refused_unless_asked():
         interop.to_jax(ckpt, two.init(params), params)
 
 
+def test_jax_states_hold_no_hyperparameters_so_they_are_passed():
+    """The state knows only its rho while fresh; to_jax checks what hyperparams= says."""
+    src, names = _torch_opt(rho=0.04)
+    ckpt = interop.from_torch(src, names)
+    params = {"a": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}
+    tx = sj.sophia_g(0.1, 0.965, 0.9, rho=0.04, hessian_update_interval=None)
+    with pytest.raises(ValueError, match="b2: checkpoint 0.99 vs 0.9"):
+        interop.to_jax(ckpt, tx.init(params), params, hyperparams={"b2": 0.9})
+    state = interop.to_jax(ckpt, tx.init(params), params, hyperparams={"b2": 0.9},
+                           check_hyperparams=False)  # fmt: skip
+    assert int(state[0].count) == 1
+    assert interop.from_jax(state, params).groups[0].hyperparams == {}
+    recorded = interop.from_jax(state, params, hyperparams={"b2": 0.9, "rho": 0.04})
+    assert recorded.groups[0].hyperparams == {"b2": 0.9, "rho": 0.04}
+
+
 # ---------------------------------------------------------------------- other checkpointers
 
 

@@ -84,7 +84,7 @@ def test_nnx_optimizer_refreshes_from_the_model_by_the_rule_and_equals_a_plain_o
     d = sflax.diagnostics(optimizer)
     assert all(type(v) is type(jnp.zeros(())) for v in d.values()), d  # plain arrays
     assert int(d["count"]) == STEPS
-    assert float(nnx.as_pure(optimizer.opt_state)[0].bs) == int(MASK.sum())
+    assert float(nnx.as_pure(optimizer.opt_state)[0].label_count) == int(MASK.sum())
 
     # The same pure function through a hand-written optax loop, the same seed.
     tx = _tx()
@@ -198,7 +198,7 @@ def test_linen_train_state_forwards_the_refresh_and_equals_a_plain_optax_loop():
     )
     state, h_norms = _linen_run(state, STEPS)
     assert _refresh_steps(h_norms) == [0, 2, 4] and h_norms[-1] > 0
-    assert int(state.step) == STEPS and float(state.opt_state[0].bs) == FEATURES.shape[0]
+    assert int(state.step) == STEPS and float(state.opt_state[0].label_count) == FEATURES.shape[0]
     # The batch statistics were replaced by apply_gradients, not frozen.
     assert not np.allclose(np.asarray(state.batch_stats["BatchNorm_0"]["mean"]), 0)
 
@@ -234,6 +234,35 @@ def test_linen_resume_from_serialized_state_continues_identically():
     resumed = serialization.from_bytes(fresh(), serialization.to_bytes(half))
     resumed, _ = _linen_run(resumed, STEPS - 3)
     _assert_trees_equal(whole, resumed)
+
+
+def _as_layout_v1(state_dict, bs):
+    """A serialized ScaleBySophiaState as layout version 1 wrote it (configuration fields)."""
+    sd = dict(state_dict)
+    label_count = sd.pop("label_count")
+    scalar = sd["rho"]
+    return sd | {
+        "b2": np.asarray(0.99, scalar.dtype), "rho0": scalar, "dynamic": np.asarray(False),
+        "bs": label_count if bs is None else np.asarray(bs, scalar.dtype),
+        "eps": np.asarray(1e-12, scalar.dtype), "step_diagnostics": {}, "bs_from_refresh": {},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("bs", [None, 8.0])
+def test_a_state_saved_in_layout_version_1_restores(bs):
+    """flax checkpoints of the layout that held configuration load into the current one."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    tx = sj.sophia_g(0.1, bs=bs, hessian_update_interval=None)
+    g = jax.tree.map(jnp.ones_like, params)
+    estimate = sj.Estimate(params, 6) if bs is None else params
+    _, state = tx.update(g, tx.init(params), params, hessian=estimate)
+    saved = serialization.to_state_dict(state)  # the chain's tuple: {"0": Sophia's, ...}
+    saved["0"] = _as_layout_v1(saved["0"], bs)
+    restored = serialization.from_bytes(tx.init(params), serialization.msgpack_serialize(saved))
+    _assert_trees_equal(restored, state)
+    saved["0"] = dict(saved["0"], stray=np.zeros(()))
+    with pytest.raises(ValueError, match="neither layout version 1 nor 2"):
+        serialization.from_bytes(tx.init(params), serialization.msgpack_serialize(saved))
 
 
 def test_linen_plain_train_state_trap_names_the_fix():

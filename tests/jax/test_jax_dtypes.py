@@ -104,6 +104,7 @@ def test_update_hessian_takes_complex_or_real_pair_estimates():
     params, state = _with_state(tx, leaves)
     rng = np.random.default_rng(2)
     est = [np.abs(rng.normal(size=(*t.shape, 2))).astype(np.float32) for t, _, _, _ in leaves]
+
     def refresh(state, h_hat, params=params):
         grads = jax.tree.map(jnp.zeros_like, params)  # the step leaves h as the refresh set it
         return tx.update(grads, state, params, hessian=h_hat)[1]

@@ -311,12 +311,12 @@ def test_bs_none_follows_the_label_count_of_each_refresh(recwarn):
     follow = _run(sj.sophia_g(1e-2, hessian_update_interval=2), params, logits_fn, 3)
     fixed = _run(sj.sophia_g(1e-2, bs=N, hessian_update_interval=2), params, logits_fn, 3)
     for (u, s), (uf, sf) in zip(follow, fixed):
-        assert float(s[0].bs) == N and bool(s[0].bs_from_refresh)
+        assert float(s[0].label_count) == N and sf[0].label_count is None
         _assert_trees_equal((u, s[0].hessian, s[0].mu), (uf, sf[0].hessian, sf[0].mu))
     # A refresh on part of the batch counts only its labels.
     _, part_fn = _mlp_on(jax.random.normal(jax.random.PRNGKey(0), (N, D))[:2])
     ((_, s),) = _run(sj.sophia_g(1e-2), params, part_fn, 1)
-    assert float(s[0].bs) == 2
+    assert float(s[0].label_count) == 2
     assert not [w for w in recwarn if "bs" in str(w.message)]
 
 
@@ -326,9 +326,9 @@ def test_bs_none_follows_a_traced_mask_and_keeps_the_last_count_on_an_empty_one(
     g = jax.tree.map(jnp.ones_like, params)
     step = jax.jit(lambda s, m: tx.update(g, s, params, logits_fn=logits_fn, mask=m))
     _, s = step(tx.init(params), MASK)
-    assert float(s[0].bs) == 4
+    assert float(s[0].label_count) == 4
     _, s = step(s, jnp.zeros(N, bool))  # nothing counted: the estimate is 0, bs stays
-    assert float(s[0].bs) == 4
+    assert float(s[0].label_count) == 4
     # The same run as bs=4 given by hand.
     fixed = _run(sj.sophia_g(1e-2, bs=4, hessian_update_interval=1), params, logits_fn, 1,
                  mask=MASK)  # fmt: skip
@@ -336,26 +336,28 @@ def test_bs_none_follows_a_traced_mask_and_keeps_the_last_count_on_an_empty_one(
     _assert_trees_equal(s1[0].hessian, fixed[0][1][0].hessian)
 
 
-def test_update_hessian_with_bs_none_takes_a_label_count_or_warns_once(monkeypatch):
-    from sophia.jax import transform
-
-    monkeypatch.setattr(transform, "_WARNED", set())
+def test_a_hand_refresh_with_bs_none_takes_a_label_count_or_warns_once():
     params, logits_fn = _mlp()
     tx = sj.sophia_g(1e-2, hessian_update_interval=None)
     s = tx.init(params)
     key = jax.random.PRNGKey(0)
     est = sj.gnb_with_label_count(params, key, logits_fn=logits_fn, mask=MASK)
     assert int(est.label_count) == 4
-    assert float(sj.update_hessian(s, est)[0].bs) == 4
-    assert float(sj.update_hessian(s, est.h_hat, label_count=3)[0].bs) == 3
+    g = jax.tree.map(jnp.zeros_like, params)
+
+    def refresh(s, h_hat, **kw):
+        return tx.update(g, s, params, hessian=h_hat, **kw)[1]
+
+    assert float(refresh(s, est)[0].label_count) == 4
+    assert float(refresh(s, est.h_hat, label_count=3)[0].label_count) == 3
     with pytest.warns(sj.LabelCountWarning, match=r"bs=None .* bs=5120 .*Pass bs="):
-        s2 = sj.update_hessian(s, est.h_hat)
-    assert float(s2[0].bs) == spec.REFERENCE_BS
-    _assert_trees_equal(s2[0].hessian, sj.update_hessian(s, est)[0].hessian)
+        s2 = refresh(s, est.h_hat)
+    assert float(s2[0].label_count) == spec.REFERENCE_BS
+    _assert_trees_equal(s2[0].hessian, refresh(s, est)[0].hessian)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         # once; and, as in torch, a count once seen stays until the next one
-        assert float(sj.update_hessian(sj.update_hessian(s, est), est.h_hat)[0].bs) == 4
+        assert float(refresh(refresh(s, est), est.h_hat)[0].label_count) == 4
 
 
 def test_a_numeric_bs_that_differs_from_the_refresh_count_warns_once_naming_both():
@@ -364,7 +366,7 @@ def test_a_numeric_bs_that_differs_from_the_refresh_count_warns_once_naming_both
     tx = sj.sophia_g(1e-2, bs=5120, hessian_update_interval=1)
     with pytest.warns(sj.LabelCountWarning, match=rf"bs=5120 but the GNB refresh saw {N} labels"):
         _, s = tx.update(g, tx.init(params), params, logits_fn=logits_fn)
-    assert float(s[0].bs) == 5120  # warned, not overridden
+    assert s[0].label_count is None  # warned, not overridden: the transform's bs stays
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tx.update(g, s, params, logits_fn=logits_fn)
@@ -383,10 +385,10 @@ def test_sophia_h_keeps_bs_one_and_inject_hyperparams_takes_bs_none():
     g = jax.tree.map(jnp.ones_like, params)
     h = sj.sophia_h(1e-2, hessian_update_interval=1)
     _, s = h.update(g, h.init(params), params, obj_fn=lambda p: jnp.sum(logits_fn(p) ** 2))
-    assert float(s[0].bs) == 1 and not s[0].bs_from_refresh
+    assert s[0].label_count is None  # bs=1, not followed
     tx = optax.inject_hyperparams(sj.sophia_g)(learning_rate=1e-2, hessian_update_interval=1)
     ((_, s),) = _run(tx, params, logits_fn, 1, mask=MASK)
-    assert float(s.inner_state[0].bs) == 4
+    assert float(s.inner_state[0].label_count) == 4
 
 
 def _ignoring(params):
@@ -524,6 +526,7 @@ def test_the_followed_label_count_crosses_sophia_interop():
     ckpt = interop.from_jax(s, params)
     assert ckpt.groups[0].label_count == 4
     back = interop.to_jax(ckpt, tx.init(params), params)
-    assert float(back[0].bs) == 4 and float(tx.init(params)[0].bs) == spec.REFERENCE_BS
+    assert float(back[0].label_count) == 4
+    assert float(tx.init(params)[0].label_count) == spec.REFERENCE_BS
     fixed = sj.sophia_g(1e-2, bs=4, hessian_update_interval=1)
     assert interop.from_jax(fixed.init(params), params).groups[0].label_count is None

@@ -137,12 +137,11 @@ def test_multi_transform_with_manual_refresh():
     )
     s = tx.init(PARAMS)
     h_hat = sj.gnb(PARAMS, jax.random.PRNGKey(0), logits_fn=logits_fn)
-    s = jax.jit(sj.update_hessian)(s, h_hat)
+    u, s = jax.jit(tx.update)(jax.grad(loss)(PARAMS), s, PARAMS, hessian=h_hat)
     core = s.inner_states["sophia"].inner_state[0]
     np.testing.assert_allclose(np.asarray(core.hessian["w"]), 0.01 * np.asarray(h_hat["w"]),
                                rtol=1e-5)  # fmt: skip
     assert isinstance(core.hessian["b"], optax.MaskedNode)
-    u, s = tx.update(jax.grad(loss)(PARAMS), s, PARAMS)
     assert float(loss(optax.apply_updates(PARAMS, u))) < float(loss(PARAMS))
 
 
@@ -153,9 +152,28 @@ def test_map_params_reaches_the_parameter_shaped_state():
     assert s[0].rho.dtype == jnp.float32  # scalars are not parameters
 
 
-def test_update_hessian_requires_a_sophia_state():
-    with pytest.raises(ValueError, match="no ScaleBySophiaState"):
-        sj.update_hessian(optax.adam(0.1).init(PARAMS), PARAMS)
+def test_the_removed_update_hessian_names_the_update_argument():
+    tx = sj.sophia_g(0.1, hessian_update_interval=None)
+    with pytest.raises(TypeError, match=r"tx.update\(grads, opt_state, params, hessian=h_hat\)"):
+        sj.update_hessian(tx.init(PARAMS), PARAMS)
+    with pytest.raises(AttributeError, match="StaticFlag was removed"):
+        sj.StaticFlag  # noqa: B018
+
+
+def test_hand_refresh_misuses_are_refused():
+    g = jax.tree.map(jnp.ones_like, PARAMS)
+    builtin = sj.sophia_g(0.1, bs=16, hessian_update_interval=2)
+    with pytest.raises(ValueError, match=r"Invalid hessian: .*hessian_update_interval=2"):
+        builtin.update(g, builtin.init(PARAMS), PARAMS, hessian=PARAMS, logits_fn=logits_fn)
+    manual = sj.sophia_g(0.1, hessian_update_interval=None)
+    with pytest.raises(ValueError, match="Invalid label_count: 3 without hessian="):
+        manual.update(g, manual.init(PARAMS), PARAMS, label_count=3)
+    numeric = sj.sophia_g(0.1, bs=16, hessian_update_interval=None)
+    with pytest.raises(ValueError, match="a state made for bs=None given to a transform built "
+                                         "with bs=16"):  # fmt: skip
+        numeric.update(g, manual.init(PARAMS), PARAMS)
+    with pytest.raises(ValueError, match="a state made for bs=a number"):
+        manual.update(g, numeric.init(PARAMS), PARAMS)
 
 
 @pytest.mark.parametrize(

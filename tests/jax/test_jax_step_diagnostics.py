@@ -93,7 +93,7 @@ def test_win_rate_and_norm_are_those_of_the_step_before_each_refresh(jit):
     assert 0.0 < float(off[-1][1].win_rate) < 1.0
 
 
-def test_manual_update_hessian_catches_up_before_the_dynamic_rule():
+def test_a_hand_refresh_catches_up_before_the_dynamic_rule():
     def tx(flag):
         return sj.sophia_g(
             0.01, rho=0.05, bs=4.0, hessian_update_interval=None, dynamic=True,
@@ -106,18 +106,20 @@ def test_manual_update_hessian_catches_up_before_the_dynamic_rule():
     for t in range(10):
         key, sub = jax.random.split(key)
         h_hat = _estimator(params, sub)
+        refresh = {"hessian": h_hat} if t % 2 == 0 else {}
         for flag in states:
-            s = sj.update_hessian(states[flag], h_hat) if t % 2 == 0 else states[flag]
-            _, states[flag] = tx(flag).update(_grads(t), s, params)
+            _, states[flag] = tx(flag).update(_grads(t), states[flag], params, **refresh)
     # the last step left the default state current and the other stale; a refresh
-    # makes them agree again, and the rule used the same win rate
-    stale = states[False][0].momentum_norm
-    assert float(states[True][0].momentum_norm) != float(stale)
+    # catches the stale one up with that step's diagnostics, and the rule used the
+    # same win rate
+    current = states[True][0]
+    assert float(current.momentum_norm) != float(states[False][0].momentum_norm)
     h_hat = _estimator(params, key)
-    a, b = (sj.update_hessian(states[f], h_hat)[0] for f in (True, False))
-    for name in ("win_rate", "rho", "hessian_norm"):
+    a, b = (tx(f).update(_grads(10), states[f], params, hessian=h_hat)[1][0] for f in (True, False))
+    for name in ("rho", "hessian_norm"):
         assert np.asarray(getattr(a, name)) == np.asarray(getattr(b, name)), name
-    np.testing.assert_allclose(a.momentum_norm, b.momentum_norm, rtol=3e-7)
+    assert np.asarray(b.win_rate) == np.asarray(current.win_rate)
+    np.testing.assert_allclose(b.momentum_norm, current.momentum_norm, rtol=3e-7)
 
 
 def _sub_jaxprs(value):
@@ -153,13 +155,14 @@ def test_the_plain_step_reduces_only_with_step_diagnostics(flag):
 
 
 def test_a_refresh_recomputes_the_diagnostics_only_without_step_diagnostics():
-    """Known at trace time (a StaticFlag), so the default refresh carries no extra pass."""
+    """Known at trace time (in the transform), so the default refresh carries no extra pass."""
     params = _params()
     counts = {}
     for flag in (True, False):
         tx = sj.sophia_g(0.01, hessian_update_interval=None, step_diagnostics=flag)
         state = jax.jit(tx.init)(params)
-        assert state[0].step_diagnostics == sj.StaticFlag(flag)
-        jaxpr = jax.make_jaxpr(sj.update_hessian)(state, params).jaxpr
-        counts[flag] = len(_reductions(jaxpr))
+        step = jax.make_jaxpr(tx.update)(_grads(0), state, params).jaxpr
+        refresh = functools.partial(tx.update, hessian=params)
+        both = jax.make_jaxpr(refresh)(_grads(0), state, params).jaxpr
+        counts[flag] = len(_reductions(both)) - len(_reductions(step))  # the refresh's own
     assert 0 < counts[True] < counts[False]  # the Hessian norm; plus win count and m norm

@@ -165,7 +165,7 @@ def test_state_leaves_follow_param_dtypes(dtype):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_trajectory_with_manual_refreshes_matches_reference(jit):
-    """30 steps, a Hessian estimate every 3 steps through update_hessian."""
+    """30 steps, a Hessian estimate every 3 steps through update(..., hessian=)."""
     leaves = random_state(4, [(20,), (4, 6)], h_scale=0.0)
     b2 = 0.95
     tx = _tx(b2=b2)
@@ -173,21 +173,20 @@ def test_trajectory_with_manual_refreshes_matches_reference(jit):
     rng = np.random.default_rng(5)
     ref = leaves
 
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
+    def step(p, s, g, h_hat=None):
+        u, s = tx.update(g, s, p, **({} if h_hat is None else {"hessian": h_hat}))
         return optax.apply_updates(p, u), s
 
     step = jax.jit(step) if jit else step
-    refresh = jax.jit(sj.update_hessian) if jit else sj.update_hessian
     for t in range(30):
         g = [rng.normal(size=x[0].shape).astype(np.float32) for x in ref]
         h_hat = None
         if t % 3 == 0:
             h_hat = [np.abs(rng.normal(size=x[0].shape)).astype(np.float32) for x in ref]
-            state = refresh(state, [jnp.asarray(x) for x in h_hat])
         ref = [(t_, gi, m, h) for (t_, _, m, h), gi in zip(ref, g)]
         ref, _ = reference_step(ref, h_hat=h_hat, b2=b2, **HP)
-        params, state = step(params, state, [jnp.asarray(x) for x in g])
+        h_in = None if h_hat is None else [jnp.asarray(x) for x in h_hat]
+        params, state = step(params, state, [jnp.asarray(x) for x in g], h_in)
         for i, (p, mu, hh) in enumerate(zip(params, state[0].mu, state[0].hessian)):
             t_, gi, m, h = ref[i]
             if jit and not STRICT:
@@ -355,7 +354,11 @@ def test_dynamic_rho_is_the_spec_rule_bit_for_bit(jit):
     tx = sj.sophia_g(0.1, rho=0.05, hessian_update_interval=None, dynamic=True)
     s0 = tx.init({"w": jnp.ones(4)})
     h = {"w": jnp.ones(4)}
-    refresh = jax.jit(sj.update_hessian) if jit else sj.update_hessian
+
+    def refresh(s, h_hat):  # the step after the refresh leaves rho as the refresh set it
+        return tx.update({"w": jnp.zeros(4)}, s, {"w": jnp.ones(4)}, hessian=h_hat)[1]
+
+    refresh = jax.jit(refresh) if jit else refresh
     for rate in (0.0, 1.0):
         for x in np.linspace(0.001, 6.0, 60).astype(np.float32):
             core = s0[0]._replace(count=jnp.int32(1), win_rate=jnp.float32(rate), rho=x)
