@@ -419,14 +419,14 @@ def test_cli_reports_a_missing_backend(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("hessian_batch", [None, 3])
-def test_jax_sophia_refresh_is_gnb_over_the_labels_behind_bs(hessian_batch):
+def test_jax_sophia_refresh_is_gnb_over_the_labels_behind_bs(hessian_batch, monkeypatch):
     """The demo's SophiaG: ``bs`` equals the labels behind the mean loss the GNB differentiates.
 
     One update with ``k=1`` refreshes ``h`` from zero, so ``h == (1 - b2) * g_hat**2``
     with ``g_hat`` the gradient, at the pre-update parameters, of the mean
     cross-entropy against labels sampled from the model's softmax (the key the
     optimizer's seed gives) over the whole batch, or over its first
-    ``hessian_batch`` sequences when that is set; and the state's ``bs`` is
+    ``hessian_batch`` sequences when that is set; and the transform's ``bs`` is
     that label count, ``cfg.hessian_tokens``. A ``bs`` set from the sequence
     count, or an estimate over another part of the batch, fails here.
     """
@@ -435,6 +435,9 @@ def test_jax_sophia_refresh_is_gnb_over_the_labels_behind_bs(hessian_batch):
     cfg = dataclasses.replace(
         TINY, sophia=dataclasses.replace(TINY.sophia, k=1), hessian_batch=hessian_batch
     )
+    built = {}  # the bs lives in the transform, not in its state: read it where it is given
+    sophia_g = sj.sophia_g
+    monkeypatch.setattr(sj, "sophia_g", lambda *a, **kw: built.update(kw) or sophia_g(*a, **kw))
     trainer = train_jax.make_trainer(cfg, cfg.sophia)
     params0 = trainer.params
     sampler = data.BatchSampler(
@@ -454,7 +457,7 @@ def test_jax_sophia_refresh_is_gnb_over_the_labels_behind_bs(hessian_batch):
     ]
     seqs = cfg.batch_size if hessian_batch is None else hessian_batch
     assert cfg.reuses_forward == (hessian_batch is None)
-    assert float(state.bs) == cfg.hessian_tokens == seqs * cfg.model.block_size
+    assert built["bs"] == cfg.hessian_tokens == seqs * cfg.model.block_size
     xh = jnp.asarray(x[:seqs])
     forward = model_jax.make_apply(cfg.model)
     _, sub = jax.random.split(jax.random.PRNGKey(cfg.seed))
