@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import numpy as np
+
 from gpu.record import Skip
 
 

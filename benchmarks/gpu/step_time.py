@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness.shapes import Shapes, gpt2_small, shrink, tinyllama_1b
+
 from gpu.environment import Frameworks
 from gpu.record import Part
 from gpu.step_variants import jax_step_time, torch_step_time
-from harness.shapes import Shapes, gpt2_small, shrink, tinyllama_1b
 
 #: Each framework's step against AdamW's and against its bandwidth floor (<=).
 TARGETS = {

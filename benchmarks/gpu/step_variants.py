@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpu.environment import Frameworks
 from harness.floor import (
     ADAMW_BYTES_PER_PARAM,
     COPY_BYTES_PER_ELEMENT,
@@ -25,6 +24,8 @@ from harness.floor import (
 from harness.shapes import Shapes
 from harness.stats import ratio
 from harness.timing import Clock, interleave, wall_and_cpu
+
+from gpu.environment import Frameworks
 
 #: The step-time optimizers' hyperparameters (the step-time benchmarks' values).
 STEP_HP = {"lr": 1e-4, "betas": (0.965, 0.99), "rho": 0.04, "weight_decay": 0.1, "bs": 5120.0}
