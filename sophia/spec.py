@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from sophia import narrow
+
 __all__ = [
     "DEFAULTS",
     "DYNAMIC_FACTOR",
@@ -72,6 +74,7 @@ __all__ = [
     "sophia_update",
     "validate",
     "win_rate",
+    "narrow",
 ]
 
 #: The lower and upper win rate that the paper's authors recommend.
@@ -189,6 +192,9 @@ def validate(
     hessian_update_interval: Any = 10,
     maximize: Any = False,
     dynamic: Any = False,
+    mu_dtype: Any = None,
+    hessian_dtype: Any = None,
+    seed: Any = 0,
 ) -> None:
     """Checks SophiaG hyperparameters; the one validator both frameworks use.
 
@@ -197,7 +203,8 @@ def validate(
     ``ValueError`` naming the argument, the value and what is allowed, e.g.
     ``Invalid rho: -1.0 (allowed: a number in (0, inf))``. ``bs=None`` is
     valid: the label count of the latest GNB refresh (see
-    :class:`SophiaHyperParams`).
+    :class:`SophiaHyperParams`). ``mu_dtype``, ``hessian_dtype`` and ``seed``
+    are the narrow state's (:mod:`sophia.narrow`).
     """
     inf = math.inf
     _check_number("lr", lr, 0.0, inf, False, True)
@@ -213,6 +220,10 @@ def validate(
     _check_interval(hessian_update_interval)
     _check("maximize", maximize, isinstance(maximize, (bool, np.bool_)), "True or False")
     _check("dynamic", dynamic, isinstance(dynamic, (bool, np.bool_)), "True or False")
+    narrow.state_dtype_name("mu_dtype", mu_dtype, narrow.MU_DTYPES)
+    narrow.state_dtype_name("hessian_dtype", hessian_dtype, narrow.HESSIAN_DTYPES)
+    ok = isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**32
+    _check("seed", seed, ok, "an integer in [0, 2**32)")
 
 
 #: The seed's defaults.
@@ -248,6 +259,9 @@ def sophia_update(
     weight_decay: float = DEFAULTS.weight_decay,
     eps: float = DEFAULTS.eps,
     maximize: bool = False,
+    mu_dtype: str | None = None,
+    seed: int = 0,
+    step: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One SophiaG parameter update, the reference every framework matches.
 
@@ -257,6 +271,10 @@ def sophia_update(
       lr, b1, rho, bs, weight_decay, eps, maximize: as in
         :class:`SophiaHyperParams`, except that ``bs`` is the number actually
         used (no ``None``: the reference update knows no refresh).
+      mu_dtype: the form the new momentum is stored in (:mod:`sophia.narrow`;
+        ``None``: ``m``'s own dtype, rounded to nearest). ``h`` may be a
+        :class:`sophia.narrow.Block8`.
+      seed, step: the stochastic rounding's seed and this step's 0-based index.
 
     Returns:
       ``(theta_new, m_new, n_win)``: the new parameter and momentum in their
@@ -270,19 +288,39 @@ def sophia_update(
         g = -g
     b1c = c(b1)
     m_new = b1c * m.astype(cd) + (c(1) - b1c) * g
-    den = (c(rho) * c(bs)) * np.maximum(h.astype(cd), c(0)) + c(effective_eps(eps, cd))
+    h_values = narrow.decode(h, cd)
+    den = (c(rho) * c(bs)) * np.maximum(h_values, c(0)) + c(effective_eps(eps, cd))
     r = np.minimum(np.abs(m_new) / den, c(1))
     u = np.sign(m_new) * r + c(weight_decay) * t
     t_new = t - c(lr) * u
-    return t_new.astype(theta.dtype), m_new.astype(m.dtype), int(np.count_nonzero(r < 1))
+    m_stored = narrow.encode(m_new, mu_dtype, m.dtype, seed, step, narrow.STREAM_MU)
+    return t_new.astype(theta.dtype), m_stored, int(np.count_nonzero(r < 1))
 
 
-def hessian_ema(h: np.ndarray, h_hat: np.ndarray, b2: float = DEFAULTS.betas[1]) -> np.ndarray:
-    """``h <- b2 * h + (1 - b2) * h_hat`` in the compute dtype, cast back to ``h.dtype``."""
-    cd = compute_dtype(h.dtype)
+def hessian_ema(
+    h: np.ndarray | narrow.Block8,
+    h_hat: np.ndarray,
+    b2: float = DEFAULTS.betas[1],
+    *,
+    hessian_dtype: str | None = None,
+    compute: Any = None,
+    seed: int = 0,
+    step: int = 0,
+) -> np.ndarray | narrow.Block8:
+    """``h <- b2 * h + (1 - b2) * h_hat`` in the compute dtype, stored in ``hessian_dtype``.
+
+    ``compute`` is the parameters' compute dtype (default: that of ``h``'s
+    dtype); ``hessian_dtype=None`` stores in ``h``'s own dtype, rounded to
+    nearest; a narrow form rounds as :func:`sophia.narrow.encode` says, with
+    ``step`` the 0-based index of the step this refresh starts.
+    """
+    if compute is None:
+        compute = np.float32 if isinstance(h, narrow.Block8) else h.dtype
+    cd = compute_dtype(compute)
     b2c = cd.type(b2)
-    out = b2c * h.astype(cd) + (cd.type(1) - b2c) * h_hat.astype(cd)
-    return out.astype(h.dtype)
+    out = b2c * narrow.decode(h, cd) + (cd.type(1) - b2c) * h_hat.astype(cd)
+    storage = np.float32 if isinstance(h, narrow.Block8) else h.dtype
+    return narrow.encode(out, hessian_dtype, storage, seed, step, narrow.STREAM_HESSIAN)
 
 
 def win_rate(n_win: int, n_total: int, dtype: Any = np.float32) -> np.floating:
