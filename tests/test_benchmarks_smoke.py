@@ -65,3 +65,14 @@ def test_step_time_small_writes_every_figure(tmp_path):
     for word in ("machine:", "sophia/adamw", "sophia/floor", "sophia_fast/adamw", "floor",
                  *VARIANTS):  # fmt: skip
         assert word in printed, word
+
+
+def test_dev_bench_refuses_a_part_that_is_not_a_benchmark():
+    """``./dev bench torch_variants`` (a module of step_time_torch.py) used to run nothing."""
+    env = {"SOPHIA_VENV": sys.prefix, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [str(ROOT / "dev"), "bench", "torch_variants"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2
+    assert "no benchmark named 'torch_variants'" in out.stderr
+    assert "step_time_torch" in out.stderr and "gpu_check" in out.stderr
