@@ -772,3 +772,46 @@ def test_dev_demo_takes_paths_from_where_it_was_started(tmp_path):
         f"sophia-demo: error: Invalid --text: {caller / 'missing.txt'} "
         "(no such file; allowed: a readable, non-empty file)\n"
     )
+
+
+# ---------------------------------------------------------------- narrow state
+
+
+def test_cli_state_dtype_flags():
+    """``--mu-dtype`` and ``--hessian-dtype`` reach SophiaG's config only; unset means None."""
+    cfg = cli.build_config(
+        cli.parser().parse_args(
+            ["--preset", "tiny", "--mu-dtype", "bfloat16", "--hessian-dtype", "block8"]
+        )
+    )
+    tiny = config.PRESETS["tiny"]
+    assert (cfg.sophia.mu_dtype, cfg.sophia.hessian_dtype) == ("bfloat16", "block8")
+    assert dataclasses.replace(cfg.sophia, mu_dtype=None, hessian_dtype=None) == tiny.sophia
+    assert cfg.adamw == tiny.adamw
+    assert cfg.sophia.state_forms() == {"mu_dtype": "bfloat16", "hessian_dtype": "block8"}
+    assert cfg.sophia.state_forms(seed=3)["seed"] == 3
+    assert "m bfloat16, h block8" in cfg.sophia.describe()
+    default = cli.build_config(cli.parser().parse_args([]))
+    assert default.sophia.mu_dtype is None and default.sophia.hessian_dtype is None
+    # the default run builds SophiaG as before narrow state: no new keywords at all
+    assert default.sophia.state_forms(seed=0) == {} and ", m " not in default.sophia.describe()
+    # a NumPy dtype is read as its name; block8 is for h only; AdamW has no narrow state
+    fp32 = dataclasses.replace(tiny.sophia, mu_dtype=np.dtype(np.float32))
+    assert fp32.mu_dtype == "float32"
+    with pytest.raises(ValueError, match="Invalid mu_dtype: 'block8' "):
+        dataclasses.replace(tiny.sophia, mu_dtype="block8")
+    with pytest.raises(ValueError, match="Invalid hessian_dtype: 'bfloat16' for AdamW"):
+        dataclasses.replace(tiny.adamw, hessian_dtype="bfloat16")
+    flat = " ".join(cli.parser().format_help().split())
+    assert "--mu-dtype {float32,bfloat16}" in flat
+    assert "--hessian-dtype {float32,bfloat16,block8}" in flat
+
+
+@pytest.mark.parametrize("flags", [["--mu-dtype", "block8"], ["--hessian-dtype", "float16"]])
+def test_cli_bad_state_dtype_is_refused(flags, monkeypatch, capsys):
+    """A form the argument does not take: argparse's status 2 naming the choices; nothing runs."""
+    monkeypatch.setattr(cli, "run_comparison", _must_not_run)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--preset", "tiny", *flags])
+    assert exit_.value.code == 2
+    assert f"argument {flags[0]}: invalid choice: '{flags[1]}'" in capsys.readouterr().err

@@ -112,6 +112,7 @@ from sophia.demo.sweep import (  # noqa: E402
     SWEEP_SOPHIA_LRS,
     run_sweep,
 )
+from sophia.narrow import BLOCK_SIZE, HESSIAN_DTYPES, MU_DTYPES  # noqa: E402
 
 __all__ = ["CALLER_DIR_ENV", "build_config", "main", "parser", "resolve_path"]
 
@@ -174,7 +175,12 @@ _PRESET_FLAGS: tuple[tuple[str, str | None, str, str], ...] = (
     ("--grad-clip", None, "grad_clip", "global-norm gradient clipping (both optimizers)"),
     ("--eval-interval", None, "eval_interval", "validation every this many steps"),
     ("--eval-batches", None, "eval_batches", "validation batches"),
-    ("--seed", None, "seed", "seed of the weights, the data order and the label sampling"),
+    (
+        "--seed",
+        None,
+        "seed",
+        "seed of the weights, the data order, the label sampling and the stochastic rounding",
+    ),
     (
         "--hessian-batch",
         None,
@@ -245,6 +251,22 @@ def parser() -> argparse.ArgumentParser:
         metavar = "N" if flag == "--hessian-batch" else None
         help_text = f"{text} {_per_preset(section, field, show)}"
         group.add_argument(flag, type=kind, metavar=metavar, help=help_text)
+    # not preset flags: every preset keeps the parameters' dtype (float32) unless told
+    for flag, allowed, what in (
+        ("--mu-dtype", MU_DTYPES, "momentum m; bfloat16 rounds"),
+        (
+            "--hessian-dtype",
+            HESSIAN_DTYPES,
+            "Hessian EMA h; bfloat16 and block8 (8-bit codes, a float32 scale per "
+            f"{BLOCK_SIZE}) round",
+        ),
+    ):
+        opt.add_argument(
+            flag,
+            choices=allowed,
+            help=f"SophiaG's storage of its {what} stochastically, seeded by --seed "
+            "(default: the parameters' dtype, float32)",
+        )
     run.add_argument(
         "--text",
         metavar="PATH",
@@ -349,6 +371,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     fields: dict[str | None, dict[str, Any]] = {None: {}, "model": {}, "sophia": {}, "adamw": {}}
     for flag, section, field, _ in _PRESET_FLAGS:
         fields[section][field] = value[flag]
+    fields["sophia"].update(mu_dtype=args.mu_dtype, hessian_dtype=args.hessian_dtype)
     sections = {k: dataclasses.replace(getattr(base, k), **v) for k, v in fields.items() if k}
     return dataclasses.replace(base, **fields[None], **sections, text=text)
 

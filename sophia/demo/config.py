@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sophia import narrow
 from sophia.demo.data import Corpus
 from sophia.demo.model import ModelConfig
 
@@ -42,6 +43,10 @@ class OptimConfig:
       rho: SophiaG's clipping scale (unused by AdamW).
       k: SophiaG's Hessian refresh interval (unused by AdamW).
       eps: denominator epsilon (AdamW's ``eps``; SophiaG's ``eps``).
+      mu_dtype: SophiaG's momentum storage (:mod:`sophia.narrow`): ``None`` (the
+        parameters' dtype), ``"float32"`` or ``"bfloat16"``; AdamW takes ``None`` only.
+      hessian_dtype: SophiaG's Hessian EMA storage: ``None``, ``"float32"``,
+        ``"bfloat16"`` or ``"block8"``; AdamW takes ``None`` only.
     """
 
     name: str
@@ -52,10 +57,19 @@ class OptimConfig:
     rho: float = 0.0
     k: int = 1
     eps: float = 1e-8
+    mu_dtype: str | None = None
+    hessian_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ("sophiag", "adamw"):
             raise ValueError(f"Invalid name: {self.name!r} (allowed: 'sophiag', 'adamw')")
+        forms = (("mu_dtype", narrow.MU_DTYPES), ("hessian_dtype", narrow.HESSIAN_DTYPES))
+        for field, allowed in forms:
+            value = getattr(self, field)
+            if self.name == "adamw" and value is not None:
+                raise ValueError(f"Invalid {field}: {value!r} for AdamW (allowed: None)")
+            # the canonical name, so that a NumPy dtype given here prints and compares as one
+            object.__setattr__(self, field, narrow.state_dtype_name(field, value, allowed))
 
     @property
     def label(self) -> str:
@@ -70,10 +84,30 @@ class OptimConfig:
         """
         return self.name == "sophiag" and step % self.k == 0
 
+    def state_forms(self, seed: int | None = None) -> dict[str, Any]:
+        """SophiaG's narrow-state keywords, ``{}`` when both forms are the parameters' dtype.
+
+        The default run passes nothing, so it builds SophiaG exactly as it did
+        before narrow state existed.
+
+        Args:
+          seed: the stochastic rounding's seed, included when given (torch's
+            ``SophiaG``; JAX's ``sophia_g`` gets the run's seed anyway).
+        """
+        if self.mu_dtype is None and self.hessian_dtype is None:
+            return {}
+        forms: dict[str, Any] = {"mu_dtype": self.mu_dtype, "hessian_dtype": self.hessian_dtype}
+        return forms if seed is None else {**forms, "seed": seed}
+
     def describe(self) -> str:
         """Short hyperparameter string for the console."""
         s = f"lr {self.lr:g}, betas ({self.b1:g}, {self.b2:g}), wd {self.weight_decay:g}"
-        return s + (f", rho {self.rho:g}, k {self.k}" if self.name == "sophiag" else "")
+        if self.name != "sophiag":
+            return s
+        s += f", rho {self.rho:g}, k {self.k}"
+        for what, form in (("m", self.mu_dtype), ("h", self.hessian_dtype)):
+            s += f", {what} {form}" if form is not None else ""
+        return s
 
 
 def sophiag_config(

@@ -173,9 +173,9 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
             (
                 "optimizer state (MiB)",
                 format_value(sophia_row.get("opt_state_bytes", math.nan) / mib, ".2f")
-                + f" ({format_value(sophia_row.get('opt_state_per_param_bytes'), '.1f')} B/param)",
+                + f" ({format_value(sophia_row.get('opt_state_per_param_bytes'), '.2f')} B/param)",
                 format_value(adamw_row.get("opt_state_bytes", math.nan) / mib, ".2f")
-                + f" ({format_value(adamw_row.get('opt_state_per_param_bytes'), '.1f')} B/param)",
+                + f" ({format_value(adamw_row.get('opt_state_per_param_bytes'), '.2f')} B/param)",
             ),
         ]
         w0 = max(len(r[0]) for r in rows)

@@ -63,7 +63,9 @@ def make_optimizer(opt: OptimConfig, cfg: RunConfig) -> optax.GradientTransforma
     """Gradient clipping, then SophiaG or AdamW with the schedule and the decay mask.
 
     SophiaG's ``bs`` is ``cfg.hessian_tokens`` (the labels behind each GNB
-    estimate) and its label sampling is seeded with ``cfg.seed``.
+    estimate), its label sampling (and stochastic rounding) is seeded with
+    ``cfg.seed`` and its state forms are ``opt``'s
+    (:meth:`~sophia.demo.config.OptimConfig.state_forms`).
     """
     schedule = make_schedule(opt, cfg)
     if opt.name == "sophiag":
@@ -79,6 +81,7 @@ def make_optimizer(opt: OptimConfig, cfg: RunConfig) -> optax.GradientTransforma
             estimator="gnb",
             weight_decay_mask=model_jax.decay_mask,
             seed=cfg.seed,
+            **opt.state_forms(),
         )
     else:
         core = optax.adamw(

@@ -61,7 +61,9 @@ def make_optimizer(
 
     The learning rate starts at :func:`sophia.demo.schedule.lr_at` ``(0)``; the
     trainer sets it again before every update. SophiaG's ``bs`` is
-    ``cfg.hessian_tokens`` (the labels behind each GNB estimate).
+    ``cfg.hessian_tokens`` (the labels behind each GNB estimate); its state forms
+    are ``opt``'s (:meth:`~sophia.demo.config.OptimConfig.state_forms`), rounded
+    with ``cfg.seed``.
 
     Args:
       opt: the optimizer's hyperparameters.
@@ -88,6 +90,7 @@ def make_optimizer(
             bs=cfg.hessian_tokens,
             eps=opt.eps,
             fused=fused,
+            **opt.state_forms(seed=cfg.seed),
         )
     return torch.optim.AdamW(groups, lr=lr, betas=(opt.b1, opt.b2), eps=opt.eps, fused=fused)
 
