@@ -7,6 +7,12 @@ dtype (dynamic shapes) and cached, one call per tensor, with small and
 non-contiguous tensors sharing one call on packed copies. Inside an outer
 ``torch.compile`` every implementation traces :func:`fused_update` instead
 (:func:`sophia_g_under_compile`).
+
+Narrow state (:mod:`sophia.narrow`: ``mu_dtype``, ``hessian_dtype``) takes the
+same routes: the native kernel's ``fused_step_narrow_`` op, or
+:func:`fused_update_narrow` compiled once per (dtype, form), which rounds and
+decodes inside the pass as well. A group whose state has the parameters' dtype
+and no stochastic form runs the default kernels unchanged.
 """
 
 from __future__ import annotations
@@ -17,8 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sophia.torch import _native
+from sophia.torch import _narrow, _native
 from sophia.torch._blocks import DeviceGroup, flat_slices
+from sophia.torch._fused_narrow import (
+    NarrowForm,
+    fused_update_narrow,
+    mu_keys,
+    narrow_form,
+    packed_coordinates,
+)
 from sophia.torch._scalars import Hyperparameters, compute_dtype, real_view
 
 #: Device types the compiled kernel supports (torch.compile's inductor backends).
@@ -30,14 +43,17 @@ _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _PACK_BELOW = 1 << 15
 #: The compiled kernel counts in int32; longer tensors are cut into slices of this size.
 _KERNEL_SLICE = 1 << 30
-#: Inductor settings of the compiled kernel (see :func:`compiled_kernel`).
+#: Inductor settings of the compiled kernels (see :func:`compiled_kernel`): no contraction
+#: into FMAs and no unsafe math in C++, eager's rounding of every cast (which also keeps
+#: Triton from fusing multiply-adds). The narrow kernel's integer hashing is exact anyway.
 _KERNEL_OPTIONS = {
     "cpp.enable_floating_point_contract_flag": "off",
     "cpp.enable_unsafe_math_opt_flag": False,
     "emulate_precision_casts": True,
 }
-#: The compiled kernel of each parameter dtype, built on first use.
-COMPILED_KERNELS: dict[torch.dtype, Any] = {}
+#: The compiled kernel of each parameter dtype, built on first use; the narrow kernel's
+#: under ``(dtype, m dtype, h dtype, stochastic_mu, block8)``.
+COMPILED_KERNELS: dict[Any, Any] = {}
 
 
 def fused_update(
@@ -78,6 +94,13 @@ def fused_update(
     return (torch.abs(q) < 1).sum(dtype=count_dtype)
 
 
+def _compiled_copy(fn: Any, name: str, defaults: tuple[Any, ...]) -> Any:
+    """``fn`` compiled as its own code object ``name`` (own dynamo cache), with ``defaults``."""
+    code = fn.__code__.replace(co_name=name)
+    copy = types.FunctionType(code, fn.__globals__, name, defaults)
+    return torch.compile(copy, dynamic=True, fullgraph=True, options=_KERNEL_OPTIONS)
+
+
 def compiled_kernel(dtype: torch.dtype) -> Any:
     """The compiled :func:`fused_update` for parameters of ``dtype``, built on first use and cached.
 
@@ -93,11 +116,28 @@ def compiled_kernel(dtype: torch.dtype) -> Any:
     kernel = COMPILED_KERNELS.get(dtype)
     if kernel is None:
         name = f"fused_update_{str(dtype).replace('torch.', '')}"
-        code = fused_update.__code__.replace(co_name=name)
-        fn = types.FunctionType(code, fused_update.__globals__, name, (torch.int32,))
-        kernel = COMPILED_KERNELS[dtype] = torch.compile(
-            fn, dynamic=True, fullgraph=True, options=_KERNEL_OPTIONS
+        kernel = COMPILED_KERNELS[dtype] = _compiled_copy(fused_update, name, (torch.int32,))
+    return kernel
+
+
+def compiled_narrow_kernel(
+    dtype: torch.dtype, m_dtype: torch.dtype, h_dtype: torch.dtype, form: NarrowForm
+) -> Any:
+    """The compiled :func:`~sophia.torch._fused_narrow.fused_update_narrow` of one state layout.
+
+    One code object per (parameter dtype, ``m`` dtype, ``h`` dtype, form), as
+    :func:`compiled_kernel` has per dtype.
+    """
+    key = (dtype, m_dtype, h_dtype, form.stochastic_mu, form.block8)
+    kernel = COMPILED_KERNELS.get(key)
+    if kernel is None:
+        name = (
+            "_".join(["fused_update_narrow"] + [str(x).replace("torch.", "") for x in key[:3]])
+            + "_sr" * form.stochastic_mu
+            + "_block8" * form.block8
         )
+        defaults = (torch.int32, form.stochastic_mu, form.block8)
+        kernel = COMPILED_KERNELS[key] = _compiled_copy(fused_update_narrow, name, defaults)
     return kernel
 
 
@@ -119,13 +159,35 @@ def _packed_update(
     return wins
 
 
-def fused_sophia_g(group: DeviceGroup, hyper: Hyperparameters) -> list[Tensor]:
-    """The fused body on one (device, dtype); returns win counts."""
-    device, dtype = group.device, group.dtype
+def _check_device(device: torch.device) -> None:
     if device.type not in FUSED_DEVICES:
         raise RuntimeError(
             f"SophiaG fused=True supports devices {FUSED_DEVICES}, not {device.type!r}"
         )
+
+
+def fused_sophia_g(
+    group: DeviceGroup,
+    hyper: Hyperparameters,
+    *,
+    hessian_scales: list[Tensor] | None = None,
+    mu_dtype: str | None = None,
+    hessian_dtype: str | None = None,
+    seed: int = 0,
+) -> list[Tensor]:
+    """The fused body on one (device, dtype); returns win counts.
+
+    ``mu_dtype``, ``hessian_dtype`` (canonical names or ``None``) and ``seed``
+    are the group's narrow state (:mod:`sophia.narrow`); ``hessian_scales``
+    the block8 scales, one float32 tensor per tensor of ``group``. The step
+    index of each tensor is its ``group.state_steps`` entry (before this
+    step's increment).
+    """
+    device, dtype = group.device, group.dtype
+    _check_device(device)
+    form = narrow_form(group, hessian_scales, mu_dtype, hessian_dtype, seed)
+    if form is not None:
+        return _fused_narrow(group, hyper, form)
     coeffs = hyper.coefficients(compute_dtype(dtype), device)
     native = _native.fused_step_op() if device.type == "cpu" and dtype in _NATIVE_DTYPES else None
     counts: list[Tensor] = []
@@ -154,9 +216,146 @@ def fused_sophia_g(group: DeviceGroup, hyper: Hyperparameters) -> list[Tensor]:
     return counts
 
 
-def sophia_g_under_compile(group: DeviceGroup, hyper: Hyperparameters) -> list[Tensor]:
-    """Every body inside an outer ``torch.compile``: :func:`fused_update`, traced there."""
+def _fused_narrow(group: DeviceGroup, hyper: Hyperparameters, form: NarrowForm) -> list[Tensor]:
+    """:func:`fused_sophia_g` over narrow state: the native op, or the compiled narrow kernel."""
+    device, dtype = group.device, group.dtype
+    coeffs = hyper.coefficients(compute_dtype(dtype), device)
+    native = None
+    if device.type == "cpu" and dtype in _NATIVE_DTYPES:
+        native = _native.fused_step_narrow_op()
+    scales = form.hessian_scales if form.block8 else [None] * len(group.params)
+    counts: list[Tensor] = []
+    whole: list[int] = []
+    small: list[int] = []
+    with torch.no_grad():
+        for i, xs in enumerate(zip(group.params, group.grads, group.exp_avgs, group.hessians)):
+            n = xs[0].numel()
+            if n == 0:
+                continue
+            if not all(x.is_contiguous() for x in xs):
+                small.append(i)
+            elif native is not None or n >= _PACK_BELOW:
+                whole.append(i)
+            else:
+                small.append(i)
+        lists = (group.params, group.grads, group.exp_avgs, group.hessians)
+        if native is not None and whole:
+            tensors = [[xs[i] for i in whole] for xs in lists]
+            block_scales = [scales[i] for i in whole] if form.block8 else []
+            steps = [group.state_steps[i] for i in whole] if form.stochastic_mu else []
+            coeff_vector = torch.stack(coeffs)
+            counts.append(
+                native(*tensors, block_scales, steps, coeff_vector, form.seed, form.stochastic_mu)
+            )
+        elif whole:
+            counts += _compiled_narrow(group, whole, form, scales, coeffs)
+        if small:
+            counts.append(_packed_narrow(group, small, form, scales, coeffs))
+    return counts
+
+
+def _compiled_narrow(
+    group: DeviceGroup,
+    indices: list[int],
+    form: NarrowForm,
+    scales: list[Tensor | None],
+    coeffs: tuple[Tensor, ...],
+) -> list[Tensor]:
+    """Large contiguous tensors through the compiled narrow kernel, in flat slices."""
+    device = group.device
+    steps = [group.state_steps[i] for i in indices]
+    keys = mu_keys(steps, form.seed, device) if form.stochastic_mu else None
+    first = torch.zeros((), dtype=torch.int64, device=device)
+    no_scale = torch.zeros(0, dtype=torch.float32, device=device)
+    i0 = indices[0]
+    kernel = compiled_narrow_kernel(
+        group.dtype, group.exp_avgs[i0].dtype, group.hessians[i0].dtype, form
+    )
+    counts = []
+    for j, i in enumerate(indices):
+        flat = [x[i].view(-1) for x in (group.params, group.grads, group.exp_avgs, group.hessians)]
+        scale = scales[i] if form.block8 else no_scale
+        key = keys[j] if keys is not None else first
+        for start in range(0, flat[0].numel(), _KERNEL_SLICE):
+            piece = [x[start : start + _KERNEL_SLICE] for x in flat]
+            offset = first if start == 0 else torch.full_like(first, start)
+            # torch.compile specialises sizes 0 and 1: those go through the eager expression
+            body = kernel if piece[0].numel() > 1 else fused_update_narrow
+            extra = {} if body is kernel else _eager_forms(form)
+            counts.append(body(*piece, scale, key, offset, *coeffs, **extra))
+    return counts
+
+
+def _eager_forms(form: NarrowForm) -> dict[str, Any]:
+    return {"stochastic_mu": form.stochastic_mu, "block8": form.block8}
+
+
+def _packed_narrow(
+    group: DeviceGroup,
+    indices: list[int],
+    form: NarrowForm,
+    scales: list[Tensor | None],
+    coeffs: tuple[Tensor, ...],
+) -> Tensor:
+    """Small (or non-contiguous) tensors through one narrow call on flat copies.
+
+    Block8 codes are decoded into the copy of ``h`` (small tensors: the copy
+    is made anyway), so the call reads float32 ``h``; each element carries its
+    coordinate and, for stochastic rounding, its tensor's key.
+    """
+    device = group.device
+    lists = (group.params, group.grads, group.exp_avgs, group.hessians)
+    params, grads, ms, hs = ([xs[i] for i in indices] for xs in lists)
+    if form.block8:
+        hs = [_narrow.decode_block8(h, scales[i]) for h, i in zip(hs, indices)]
+    flat_p, flat_g, flat_m, flat_h = (
+        torch.cat([x.reshape(-1) for x in xs]) for xs in (params, grads, ms, hs)
+    )
+    sizes = [x.numel() for x in params]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    key, first = zero, zero
+    if form.stochastic_mu:
+        steps = [group.state_steps[i] for i in indices]
+        key, first = packed_coordinates(mu_keys(steps, form.seed, device), sizes)
+    unpacked = form._replace(block8=False)
+    n = flat_p.numel()
+    if 1 < n < 2**31:
+        kernel = compiled_narrow_kernel(group.dtype, flat_m.dtype, flat_h.dtype, unpacked)
+        wins = kernel(flat_p, flat_g, flat_m, flat_h, zero, key, first, *coeffs)
+    else:  # torch.compile specialises sizes 0 and 1: those go through the eager expression
+        wins = fused_update_narrow(
+            flat_p, flat_g, flat_m, flat_h, zero, key, first, *coeffs, **_eager_forms(unpacked)
+        )
+    torch._foreach_copy_(params, [v.view(x.shape) for v, x in zip(flat_p.split(sizes), params)])
+    torch._foreach_copy_(ms, [v.view(x.shape) for v, x in zip(flat_m.split(sizes), ms)])
+    return wins
+
+
+def sophia_g_under_compile(
+    group: DeviceGroup,
+    hyper: Hyperparameters,
+    *,
+    hessian_scales: list[Tensor] | None = None,
+    mu_dtype: str | None = None,
+    hessian_dtype: str | None = None,
+    seed: int = 0,
+) -> list[Tensor]:
+    """Every body inside an outer ``torch.compile``: :func:`fused_update`, traced there.
+
+    With narrow state (arguments as :func:`fused_sophia_g`'s), its narrow form.
+    """
     coeffs = hyper.coefficients(compute_dtype(group.dtype), group.device)
-    tensors = zip(group.params, group.grads, group.exp_avgs, group.hessians)
-    # viewed here whatever has_complex says, as the fused expression needs real tensors
-    return [fused_update(*(real_view(x) for x in xs), *coeffs) for xs in tensors]
+    tensors = list(zip(group.params, group.grads, group.exp_avgs, group.hessians))
+    form = narrow_form(group, hessian_scales, mu_dtype, hessian_dtype, seed)
+    if form is None:
+        # viewed here whatever has_complex says, as the fused expression needs real tensors
+        return [fused_update(*(real_view(x) for x in xs), *coeffs) for xs in tensors]
+    keys = mu_keys(group.state_steps, form.seed, group.device) if form.stochastic_mu else None
+    zero = torch.zeros((), dtype=torch.int64, device=group.device)
+    counts = []
+    for i, xs in enumerate(tensors):
+        scale = form.hessian_scales[i] if form.block8 else zero
+        key = keys[i] if keys is not None else zero
+        views = (real_view(x) for x in xs)
+        counts.append(fused_update_narrow(*views, scale, key, zero, *coeffs, **_eager_forms(form)))
+    return counts

@@ -3,7 +3,8 @@
 ``fused=True`` on CPU runs one C++ pass over every tensor of a (device, dtype)
 group: read ``param, grad, exp_avg, hessian``, write ``param, exp_avg``, spread
 over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
-CPU kernel. The source is compiled with ``torch.utils.cpp_extension`` (a C++17
+CPU kernel; a second op of the same build takes the narrow state
+(:mod:`sophia.narrow`). The source is compiled with ``torch.utils.cpp_extension`` (a C++17
 compiler and ninja are needed) into torch's extension cache the first time it
 is needed, and loaded from there afterwards. Where it cannot be
 built, :func:`fused_step_op` warns once and returns ``None``, and the fused path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_step_op", "native_enabled"]
+__all__ = ["fused_step_narrow_op", "fused_step_op", "native_enabled"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
 #: Rounding must be operation by operation (see the source's header comment).
@@ -118,3 +119,21 @@ def fused_step_op() -> Any:
                     stacklevel=3,
                 )
     return _state["op"]
+
+
+def fused_step_narrow_op() -> Any:
+    """``torch.ops.sophia_native.fused_step_narrow_``, the native kernel over narrow state.
+
+    Built with :func:`fused_step_op` (``None`` where that is). The op takes
+    ``(params, grads, exp_avgs, hessians, hessian_scales, steps, coeffs, seed,
+    stochastic_mu)``: the lists of :func:`fused_step_op`, except that
+    ``exp_avgs`` may be float32 or bfloat16 and ``hessians`` float32, bfloat16
+    or the int8 codes of ``"block8"``, whose float32 scales ``hessian_scales``
+    holds (one tensor per parameter; empty otherwise); ``steps`` are the
+    0-dim step counters before this step's increment, read only with
+    ``stochastic_mu`` (empty otherwise), which stores ``exp_avgs`` in bfloat16
+    rounded stochastically with ``seed`` as :mod:`sophia.narrow` says.
+    """
+    if fused_step_op() is None:
+        return None
+    return torch.ops.sophia_native.fused_step_narrow_

@@ -1,0 +1,211 @@
+"""The fused body over narrow state (native and compiled) against the NumPy spec, to the bit.
+
+Twenty steps with a refresh every third (the spec's EMA, stored in the named
+form), on tensors that span the native kernel's work items, the compiled
+kernel's packing threshold and partial 8-bit blocks, one of them non-contiguous.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from sophia import narrow, spec
+from sophia.torch import _fused, _native
+from sophia.torch._blocks import DeviceGroup
+from sophia.torch._scalars import Hyperparameters
+from tests.helpers import identical
+from tests.torch.torchref import HP
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NP_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: BF16}
+NP_OF[torch.float16] = np.float16
+#: (7,) and (4, 5) are packed by the compiled path; (3, 12000) is over its packing size, with
+#: a partial last block; 70001 spans two of the native kernel's 2**16-element work items.
+NATIVE_SHAPES = [(7,), (4, 5), (3, 12000), (70001,)]
+COMPILED_SHAPES = [(7,), (4, 5), (3, 12000)]
+STEPS, EVERY = 20, 3
+SEED = 1234
+
+
+def to_torch(x):
+    """A torch copy of a NumPy array, bfloat16 through its bit pattern."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == BF16:
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def to_numpy(x, dtype):
+    """A NumPy copy of a tensor in ``dtype``, bfloat16 through its bit pattern."""
+    x = x.detach().contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(BF16).copy()
+    return x.numpy().astype(dtype)
+
+
+def stored_dtype(form, param_dtype):
+    return {None: param_dtype, "float32": np.float32, "bfloat16": BF16}[form]
+
+
+def spec_kwargs():
+    return {
+        "lr": HP["lr"],
+        "b1": HP["betas"][0],
+        "rho": HP["rho"],
+        "bs": HP["bs"],
+        "weight_decay": HP["weight_decay"],
+        "eps": HP["eps"],
+    }
+
+
+def run(shapes, torch_dtype, mu_dtype, hessian_dtype, transposed=False):
+    """STEPS fused steps and the spec's, side by side; asserts every step's bits."""
+    pd = NP_OF[torch_dtype]
+    rng = np.random.default_rng(7)
+    theta = [rng.normal(size=s).astype(pd) for s in shapes]
+    m = [rng.normal(size=s).astype(stored_dtype(mu_dtype, pd)) for s in shapes]
+    if hessian_dtype == narrow.BLOCK8:
+        h = [
+            narrow.Block8(
+                np.zeros(s, np.int8), np.zeros(narrow.block_count(np.prod(s)), np.float32)
+            )
+            for s in shapes
+        ]
+    else:
+        h = [np.zeros(s, stored_dtype(hessian_dtype, pd)) for s in shapes]
+    params = [to_torch(x) for x in theta]
+    if transposed:  # the second tensor as a non-contiguous view of the same values
+        params[1] = to_torch(theta[1].T.copy()).T
+    ms = [to_torch(x) for x in m]
+    steps = [torch.tensor(0.0) for _ in shapes]
+    hyper = Hyperparameters(
+        HP["lr"], HP["betas"][0], HP["rho"], HP["bs"], HP["weight_decay"], HP["eps"], False
+    )
+    wins_total = 0
+    for step in range(STEPS):
+        if step % EVERY == 0:
+            for i, s in enumerate(shapes):
+                h_hat = rng.normal(size=s).astype(pd)
+                h_hat.flat[::5] = 0
+                h[i] = spec.hessian_ema(
+                    h[i],
+                    h_hat,
+                    HP["betas"][1],
+                    hessian_dtype=hessian_dtype,
+                    compute=pd,
+                    seed=SEED,
+                    step=step,
+                )
+        grads = [rng.normal(size=s).astype(pd) for s in shapes]
+        if hessian_dtype == narrow.BLOCK8:
+            hs, scales = [to_torch(x.codes) for x in h], [to_torch(x.scale) for x in h]
+        else:
+            hs, scales = [to_torch(x) for x in h], None
+        group = DeviceGroup(
+            torch.device("cpu"), torch_dtype, params, [to_torch(g) for g in grads], ms, hs, steps
+        )
+        counts = _fused.fused_sophia_g(
+            group,
+            hyper,
+            hessian_scales=scales,
+            mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
+            seed=SEED,
+        )
+        torch._foreach_add_(steps, 1)
+        wins = 0
+        for i in range(len(shapes)):
+            theta[i], m[i], w = spec.sophia_update(
+                theta[i],
+                grads[i],
+                m[i],
+                h[i],
+                **spec_kwargs(),
+                mu_dtype=mu_dtype,
+                seed=SEED,
+                step=step,
+            )
+            wins += w
+            assert identical(to_numpy(params[i], pd), theta[i]), (step, i, "theta")
+            assert identical(to_numpy(ms[i], m[i].dtype), m[i]), (step, i, "m")
+        assert int(sum(int(c) for c in counts)) == wins, step
+        wins_total += wins
+    # both branches of the clip taken
+    assert 0 < wins_total < STEPS * sum(int(np.prod(s)) for s in shapes)
+
+
+FORMS = [
+    (mu, hd)
+    for mu in (None, "float32", "bfloat16")
+    for hd in (None, "float32", "bfloat16", "block8")
+    if (mu, hd) != (None, None)
+]
+
+
+@pytest.mark.parametrize("mu_dtype, hessian_dtype", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_native_kernel_over_narrow_state_is_the_spec(dtype, mu_dtype, hessian_dtype, monkeypatch):
+    calls = []
+    real = _native.fused_step_narrow_op()
+    assert real is not None
+    monkeypatch.setattr(
+        _native, "fused_step_narrow_op", lambda: lambda *a: calls.append(1) or real(*a)
+    )
+    run(NATIVE_SHAPES, dtype, mu_dtype, hessian_dtype)
+    plain = mu_dtype != "bfloat16" and hessian_dtype != "block8"
+    same_dtype = {None, {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)}
+    if plain and {mu_dtype, hessian_dtype} <= same_dtype:
+        assert not calls  # the state is the default's: the default kernel ran
+    else:
+        assert len(calls) == STEPS
+
+
+@pytest.mark.parametrize(
+    "dtype, mu_dtype, hessian_dtype",
+    [
+        (torch.float32, "bfloat16", "block8"),
+        (torch.float64, "bfloat16", "bfloat16"),
+        (torch.bfloat16, "float32", "float32"),
+    ],
+    ids=str,
+)
+def test_compiled_kernel_over_narrow_state_is_the_spec(dtype, mu_dtype, hessian_dtype, monkeypatch):
+    monkeypatch.setenv("SOPHIA_TORCH_NATIVE", "0")
+    run(COMPILED_SHAPES, dtype, mu_dtype, hessian_dtype, transposed=True)
+
+
+def test_native_kernel_non_contiguous_tensor_goes_through_the_packed_kernel():
+    run([(7,), (9, 30), (300,)], torch.float32, "bfloat16", "block8", transposed=True)
+
+
+def test_block8_without_scales_is_a_value_error():
+    p = [torch.zeros(4)]
+    group = DeviceGroup(
+        torch.device("cpu"),
+        torch.float32,
+        p,
+        p,
+        p,
+        [torch.zeros(4, dtype=torch.int8)],
+        [torch.tensor(0.0)],
+    )
+    hyper = Hyperparameters(1e-3, 0.9, 0.04, 1.0, 0.0, 1e-12, False)
+    with pytest.raises(ValueError, match="hessian_scales: None"):
+        _fused.fused_sophia_g(group, hyper, hessian_dtype="block8")
+
+
+def test_native_narrow_op_rejects_mismatched_inputs():
+    op = _native.fused_step_narrow_op()
+    p, g, m = (torch.zeros(300) for _ in range(3))
+    codes, c = torch.zeros(300, dtype=torch.int8), torch.zeros(6)
+    with pytest.raises(RuntimeError, match=r"hessian_scales\[0\] must be"):
+        op([p], [g], [m], [codes], [torch.zeros(1)], [], c, 0, False)
+    with pytest.raises(RuntimeError, match="hessian_scales has 0 tensors"):
+        op([p], [g], [m], [codes], [], [], c, 0, False)
+    with pytest.raises(RuntimeError, match="stochastic rounding stores exp_avgs in bfloat16"):
+        op([p], [g], [m], [p.clone()], [], [torch.tensor(0.0)], c, 0, True)
+    with pytest.raises(RuntimeError, match="steps has 0 tensors"):
+        op([p], [g], [m.bfloat16()], [p.clone()], [], [], c, 0, True)
+    with pytest.raises(RuntimeError, match="seed"):
+        op([p], [g], [m], [p.clone()], [], [], c, 2**32, False)
