@@ -37,16 +37,42 @@ class DeviceGroup(NamedTuple):
     exp_avgs: list[Tensor]
     hessians: list[Tensor]
     state_steps: list[Tensor]
+    #: With ``hessian_dtype="block8"``: each Hessian's float32 block scales (``hessians``
+    #: then holds the int8 codes); else ``None``.
+    hessian_scales: list[Tensor] | None = None
 
 
-def device_groups(lists: list[list[Tensor]], has_complex: bool) -> list[DeviceGroup]:
-    """The five parallel lists of a step, grouped by the parameters' (device, dtype)."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+def device_groups(
+    lists: list[list[Tensor]],
+    has_complex: bool,
+    narrow: bool = False,
+    hessian_scales: list[Tensor] | None = None,
+) -> list[DeviceGroup]:
+    """The five parallel lists of a step, grouped by the parameters' (device, dtype).
+
+    ``narrow``: the states may have other dtypes than their parameters (a
+    narrow form), which torch's grouping refuses; the parameters, gradients
+    and steps are grouped then, and the states (and ``hessian_scales``, one
+    per parameter) picked by index.
+    """
+    params, grads, exp_avgs, hessians, steps = lists
+    if not narrow:
+        grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+        out = []
+        for (device, dtype), ((*tensors, steps), _) in grouped.items():
+            if has_complex:
+                tensors = [[real_view(x) for x in xs] for xs in tensors]
+            out.append(DeviceGroup(device, dtype, *(list(xs) for xs in tensors), list(steps)))
+        return out
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, steps],  # type: ignore[list-item]
+        with_indices=True,
+    )
     out = []
-    for (device, dtype), ((*tensors, steps), _) in grouped.items():
-        if has_complex:
-            tensors = [[real_view(x) for x in xs] for xs in tensors]
-        out.append(DeviceGroup(device, dtype, *(list(xs) for xs in tensors), list(steps)))
+    for (device, dtype), (_, idx) in grouped.items():
+        tensors = [[real_view(xs[i]) for i in idx] for xs in (params, grads, exp_avgs, hessians)]
+        scales = None if hessian_scales is None else [hessian_scales[i] for i in idx]
+        out.append(DeviceGroup(device, dtype, *tensors, [steps[i] for i in idx], scales))
     return out
 
 
@@ -80,24 +106,45 @@ def batches(lists: list[list[Tensor]], block: int | None) -> list[list[list[Tens
     :func:`flat_slices`), small ones share a batch, zero-size ones are
     dropped. Without ``block``, the lists are one batch.
     """
+    return [batch for batch, _ in batches_with_origins(lists, block)]
+
+
+#: Where a piece of a batch comes from: the index of its tensor in the lists, and the
+#: C-order index of the piece's first coordinate in that tensor.
+Origin = tuple[int, int]
+
+
+def batches_with_origins(
+    lists: list[list[Tensor]], block: int | None
+) -> list[tuple[list[list[Tensor]], list[Origin]]]:
+    """:func:`batches`, each batch with the origin of each of its pieces.
+
+    The narrow state needs them: a piece's random bits and block scales are
+    those of its coordinates in the whole tensor. Slices start at multiples of
+    ``block``, a multiple of :data:`sophia.narrow.BLOCK_SIZE`.
+    """
     if block is None:
-        return [lists]
-    out: list[list[list[Tensor]]] = []
+        return [(lists, [(i, 0) for i in range(len(lists[0]))])]
+    out: list[tuple[list[list[Tensor]], list[Origin]]] = []
     cur: list[list[Tensor]] = [[] for _ in lists]
+    origins: list[Origin] = []
     size = 0
-    for xs in zip(*lists):
+    for i, xs in enumerate(zip(*lists)):
         if xs[0].numel() == 0:
             continue
+        offset = 0
         for piece in flat_slices(xs, block):
             k = piece[0].numel()
             if size and size + k > block:
-                out.append(cur)
-                cur, size = [[] for _ in lists], 0
+                out.append((cur, origins))
+                cur, origins, size = [[] for _ in lists], [], 0
             for lst, x in zip(cur, piece):
                 lst.append(x)
+            origins.append((i, offset))
+            offset += k
             size += k
     if size:
-        out.append(cur)
+        out.append((cur, origins))
     return out
 
 

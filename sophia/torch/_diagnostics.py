@@ -9,6 +9,7 @@ from torch import Tensor
 
 from sophia.torch import _group_state as gstate
 from sophia.torch._dtensor import is_dtensor
+from sophia.torch._narrow_state import decoded_hessian
 from sophia.torch._scalars import real_view, scalar_tensor
 
 
@@ -25,9 +26,11 @@ def _norms(
     norms: dict[str, list[Tensor]] = {"hessian": [], "exp_avg": []}
     for p in params:
         p_state = state.get(p, {})
+        # the values the step reads: block8 codes decoded
+        values = {"hessian": decoded_hessian(p_state), "exp_avg": p_state.get("exp_avg")}
         for key in norms:
-            if key in p_state:
-                n = torch.linalg.vector_norm(real_view(p_state[key]), dtype=dtype)
+            if values[key] is not None:
+                n = torch.linalg.vector_norm(real_view(values[key]), dtype=dtype)
                 if is_dtensor(n):
                     n = n.full_tensor()  # every rank reports the global norm
                 norms[key].append(n.to(device))

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sophia.torch._narrow import STOCHASTIC
+
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Partial, Replicate
 else:  # builds without torch.distributed have no DTensors to handle
@@ -24,6 +26,21 @@ else:  # builds without torch.distributed have no DTensors to handle
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``DTensor`` (never, on a build without ``torch.distributed``)."""
     return DTensor is not None and isinstance(x, DTensor)
+
+
+def check_forms(params: list[Tensor], mu_dtype: str | None, hessian_dtype: str | None) -> None:
+    """Raises ``ValueError`` for a stochastic form on DTensor parameters.
+
+    The random bits are a function of each coordinate's index in the whole
+    tensor, which a shard's local view does not know.
+    """
+    for name, form in (("mu_dtype", mu_dtype), ("hessian_dtype", hessian_dtype)):
+        if form in STOCHASTIC and any(is_dtensor(p) for p in params):
+            raise ValueError(
+                f"Invalid {name}: {form!r} for DTensor parameters (allowed: None or "
+                "'float32'): stochastic rounding needs each coordinate's index in the whole "
+                "tensor, and a shard only knows its local one"
+            )
 
 
 def _describe(t: Tensor) -> str:

@@ -90,6 +90,10 @@ class Hyperparameters(NamedTuple):
     weight_decay: Scalar
     eps: Scalar
     maximize: bool
+    #: The narrow state's forms (canonical names, :mod:`sophia.narrow`) and seed.
+    mu_dtype: str | None = None
+    hessian_dtype: str | None = None
+    seed: int = 0
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> StepCoefficients:
         """The step's coefficients in the compute dtype ``dtype`` on ``device``.

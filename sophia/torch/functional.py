@@ -25,14 +25,23 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
+from sophia import narrow
 from sophia.torch import _dtensor, _fused
 from sophia.torch._blocks import (
     BatchScratch,
     DeviceGroup,
     Workspace,
     batches,
+    batches_with_origins,
     device_groups,
     flat_slices,
+)
+from sophia.torch._narrow_step import (
+    decoded_hessian,
+    is_narrow,
+    momentum_key,
+    narrow_hessian_emas,
+    store_momentum,
 )
 from sophia.torch._scalars import (
     Hyperparameters,
@@ -50,6 +59,20 @@ def check_not_fused_and_foreach(fused: bool | None, foreach: bool | None) -> Non
     """Raises when both implementations are asked for, as torch's optimizers do."""
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_fused_supports(mu_dtype: str | None, hessian_dtype: str | None) -> None:
+    """Raises ``ValueError`` for a narrow form the fused body does not run (yet).
+
+    The one place that says which forms ``fused=True`` (and a step traced inside
+    an outer ``torch.compile``, which uses the fused expression) accepts.
+    """
+    for name, form in (("mu_dtype", mu_dtype), ("hessian_dtype", hessian_dtype)):
+        if form is not None:
+            raise ValueError(
+                f"Invalid {name}: {form!r} with fused=True (allowed: None); fused=True does "
+                f"not run {name}={form!r} yet; use foreach"
+            )
 
 
 def sophia_g(
@@ -70,6 +93,10 @@ def sophia_g(
     weight_decay: Scalar,
     eps: Scalar,
     maximize: bool,
+    mu_dtype: str | None = None,
+    hessian_dtype: str | None = None,
+    seed: int = 0,
+    hessian_scales: list[Tensor] | None = None,
 ) -> Tensor:
     r"""Functional API that performs one SophiaG step in place (see :class:`sophia.torch.SophiaG`).
 
@@ -99,12 +126,25 @@ def sophia_g(
       weight_decay: decoupled weight decay.
       eps: denominator floor (raised to the compute dtype's smallest normal).
       maximize: ascend instead of descend.
+      mu_dtype: the form ``exp_avgs`` are stored in (canonical names of
+        :mod:`sophia.narrow`: ``None``, ``"float32"``, ``"bfloat16"``); the
+        tensors must already have its dtype (see :class:`sophia.torch.SophiaG`).
+      hessian_dtype: the form of ``hessians`` (also ``"block8"``: int8 codes).
+      seed: the stochastic rounding's seed; each tensor's step index is its
+        ``state_steps`` entry before the increment.
+      hessian_scales: with ``hessian_dtype="block8"``, each Hessian's float32
+        block scales.
 
     Returns:
       The number of coordinates with ``r < 1`` (0-dim int64 tensor on the
       first parameter's device; no host synchronisation).
     """
     lists = (params, grads, exp_avgs, hessians, state_steps)
+    if hessian_dtype == narrow.BLOCK8 and (
+        hessian_scales is None or len(hessian_scales) != len(params)
+    ):
+        raise ValueError("sophia_g: hessian_dtype='block8' needs one hessian_scales per parameter")
+    _dtensor.check_forms(params, mu_dtype, hessian_dtype)
     if any(_dtensor.is_dtensor(p) for p in params):
         return _dtensor.on_local_shards(
             sophia_g,
@@ -120,6 +160,9 @@ def sophia_g(
             weight_decay=weight_decay,
             eps=eps,
             maximize=maximize,
+            mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
+            seed=seed,
         )
     if fused is None and foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, False, use_fused=False)
@@ -128,7 +171,11 @@ def sophia_g(
         raise RuntimeError("`state_steps` must be a list of 0-dim tensors")
     if not params:
         return torch.zeros((), dtype=torch.int64)
-    hyper = Hyperparameters(lr, beta1, rho, bs, weight_decay, eps, maximize)
+    hyper = Hyperparameters(
+        lr, beta1, rho, bs, weight_decay, eps, maximize, mu_dtype, hessian_dtype, seed
+    )
+    if fused or torch.compiler.is_compiling():
+        check_fused_supports(mu_dtype, hessian_dtype)
     if torch.compiler.is_compiling():
         # inside an outer torch.compile (e.g. of SophiaG.step) the step is traced and fused there
         body = _fused.sophia_g_under_compile
@@ -137,10 +184,22 @@ def sophia_g(
     elif foreach:
         body = _multi_tensor_sophia_g
     else:
-        return _single_tensor_sophia_g(*lists, hyper)
+        return _single_tensor_sophia_g(*lists, hyper, hessian_scales)
     counts: list[Tensor] = []
-    for group in device_groups(list(lists), has_complex):
-        counts += body(group, hyper)
+    narrow_state = is_narrow(hyper)
+    for group in device_groups(list(lists), has_complex, narrow_state, hessian_scales):
+        if narrow_state and body is not _multi_tensor_sophia_g:
+            # the fused bodies' interface to the narrow state (the foreach body reads hyper)
+            counts += body(
+                group,
+                hyper,
+                hessian_scales=group.hessian_scales,
+                mu_dtype=mu_dtype,
+                hessian_dtype=hessian_dtype,
+                seed=seed,
+            )
+        else:
+            counts += body(group, hyper)
         torch._foreach_add_(group.state_steps, 1)
     return total_wins(counts, params[0].device)
 
@@ -183,13 +242,16 @@ def _single_tensor_sophia_g(
     hessians: list[Tensor],
     state_steps: list[Tensor],
     hyper: Hyperparameters,
+    hessian_scales: list[Tensor] | None = None,
 ) -> Tensor:
     """The for-loop body: one tensor at a time (on CPU one block at a time), two buffers."""
     counts: list[Tensor] = []
     spaces: dict[tuple[torch.dtype, torch.device], Workspace] = {}
+    narrow_state = is_narrow(hyper)
     for i in range(len(params)):
         # complex tensors are viewed as real pairs one by one, so has_complex is not needed
         param, grad, m, h = (real_view(x) for x in (params[i], grads[i], exp_avgs[i], hessians[i]))
+        key = momentum_key(hyper, state_steps[i]) if narrow_state else None
         state_steps[i] += 1
         if param.numel() == 0:
             continue
@@ -198,8 +260,18 @@ def _single_tensor_sophia_g(
         if ws is None:
             coeffs = hyper.coefficients(compute, param.device)
             ws = spaces[(compute, param.device)] = Workspace(compute, param.device, coeffs)
-        for piece in flat_slices((param, grad, m, h), ws.block):
-            counts.append(_single_tensor_update(*piece, ws))
+        if not narrow_state:
+            for piece in flat_slices((param, grad, m, h), ws.block):
+                counts.append(_single_tensor_update(*piece, ws))
+            continue
+        scale = hessian_scales[i] if hessian_scales is not None else None
+        offset = 0
+        for p_i, g_i, m_i, h_i in flat_slices((param, grad, m, h), ws.block):
+            mc = m_i if m_i.dtype == compute else m_i.to(compute)
+            hc = decoded_hessian(h_i, scale, offset, compute)
+            counts.append(_single_tensor_update(p_i, g_i, mc, hc, ws))
+            store_momentum(m_i, mc, hyper.mu_dtype, key, offset)
+            offset += p_i.numel()
     return total_wins(counts, params[0].device)
 
 
@@ -243,8 +315,10 @@ def _foreach_update(
     b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr = ws.coeffs
     compute = ws.dtype
     low = params[0].dtype != compute
+    # a narrow body passes m already in the compute dtype
+    low_m = exp_avgs[0].dtype != compute
     tc = [x.to(compute) for x in params] if low else params
-    mc = [x.to(compute) for x in exp_avgs] if low else exp_avgs
+    mc = [x.to(compute) for x in exp_avgs] if low_m else exp_avgs
     gc = [x if x.dtype == compute else x.to(compute) for x in grads]
     hc = [x if x.dtype == compute else x.to(compute) for x in hessians]
     tmp, quotient = (scratch.tmp, scratch.quotient) if scratch is not None else (None, None)
@@ -275,6 +349,7 @@ def _foreach_update(
     torch._foreach_sub_(tc, q)
     if low:
         torch._foreach_copy_(params, tc)
+    if low_m:
         torch._foreach_copy_(exp_avgs, mc)
     return wins
 
@@ -285,8 +360,22 @@ def _multi_tensor_sophia_g(group: DeviceGroup, hyper: Hyperparameters) -> list[T
     ws = Workspace(compute, group.device, hyper.coefficients(compute, group.device))
     lists = [group.params, group.grads, group.exp_avgs, group.hessians]
     counts: list[Tensor] = []
-    for batch in batches(lists, ws.block):
-        counts += _foreach_update(*batch, ws, ws.batch_scratch(batch[0]))
+    if not is_narrow(hyper):
+        for batch in batches(lists, ws.block):
+            counts += _foreach_update(*batch, ws, ws.batch_scratch(batch[0]))
+        return counts
+    # the dispatcher increments the counters after the body: these are the steps' indices
+    keys = [momentum_key(hyper, step) for step in group.state_steps]
+    scales = group.hessian_scales
+    for (ps, gs, ms, hs), origins in batches_with_origins(lists, ws.block):
+        mcs = [m if m.dtype == compute else m.to(compute) for m in ms]
+        hcs = [
+            decoded_hessian(h, None if scales is None else scales[i], offset, compute)
+            for h, (i, offset) in zip(hs, origins)
+        ]
+        counts += _foreach_update(ps, gs, mcs, hcs, ws, ws.batch_scratch(ps))
+        for m, mc, (i, offset) in zip(ms, mcs, origins):
+            store_momentum(m, mc, hyper.mu_dtype, keys[i], offset)
     return counts
 
 
@@ -296,6 +385,11 @@ def hessian_ema(
     *,
     beta2: Scalar,
     foreach: bool | None = None,
+    hessian_dtype: str | None = None,
+    param_dtypes: list[torch.dtype] | None = None,
+    state_steps: list[Tensor] | None = None,
+    seed: int = 0,
+    hessian_scales: list[Tensor] | None = None,
 ) -> None:
     r"""The Hessian EMA of :func:`sophia.spec.hessian_ema`, in place.
 
@@ -305,6 +399,15 @@ def hessian_ema(
         (or of its real view for a complex Hessian); any floating dtype.
       beta2: the Hessian EMA rate (float or 0-dim tensor).
       foreach: use ``torch._foreach_*`` kernels (default: as torch chooses).
+      hessian_dtype: the form the Hessians are stored in (:mod:`sophia.narrow`;
+        ``None``: their parameters' dtype). A narrow form is written one
+        tensor at a time, whatever ``foreach`` says.
+      param_dtypes: with a form, each parameter's dtype, whose compute dtype
+        the EMA runs in.
+      state_steps: with a stochastic form, each parameter's step counter: the
+        index of the step this refresh starts.
+      seed: the stochastic rounding's seed.
+      hessian_scales: with ``"block8"``, each Hessian's block scales (updated too).
     """
     if len(hessians) != len(estimates):
         raise ValueError(f"hessian_ema: {len(hessians)} Hessians but {len(estimates)} estimates")
@@ -316,6 +419,11 @@ def hessian_ema(
                 f"hessian_ema: estimate of shape {tuple(e.shape)} for a Hessian of shape "
                 f"{tuple(h.shape)}"
             )
+    if hessian_dtype is not None:
+        narrow_hessian_emas(
+            hs, es, beta2, hessian_dtype, param_dtypes, state_steps, seed, hessian_scales
+        )
+        return
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(hs, False, use_fused=False)
     if not foreach:

@@ -12,6 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from sophia import spec
 from sophia.torch import _diagnostics, _refresh, estimators
 from sophia.torch import _group_state as gstate
+from sophia.torch import _narrow_state as nstate
 from sophia.torch._fused import FUSED_DEVICES
 from sophia.torch._misuse import MisuseMonitor
 from sophia.torch.functional import check_not_fused_and_foreach, hessian_ema, sophia_g
@@ -20,7 +21,19 @@ __all__ = ["SophiaG"]
 
 _D = spec.DEFAULTS
 #: The param-group keys :func:`sophia.spec.validate` checks.
-_SPEC_KEYS = ("lr", "betas", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
+_SPEC_KEYS = (
+    "lr",
+    "betas",
+    "rho",
+    "weight_decay",
+    "eps",
+    "bs",
+    "maximize",
+    "dynamic",
+    "mu_dtype",
+    "hessian_dtype",
+    "seed",
+)
 
 
 class SophiaG(Optimizer):
@@ -86,9 +99,18 @@ class SophiaG(Optimizer):
         on first use (a C++ compiler and ninja needed; without them, or with
         ``SOPHIA_TORCH_NATIVE=0``, the compiled kernel below), on CUDA/XPU
         a ``torch.compile``-d kernel compiled once per dtype and cached.
+      mu_dtype: the form ``exp_avg`` is stored in (:mod:`sophia.narrow`):
+        ``None`` (the parameter's dtype), ``"float32"`` or ``"bfloat16"``
+        (rounded stochastically); a torch dtype works as its name.
+      hessian_dtype: the form of ``hessian``: as ``mu_dtype``, or ``"block8"``
+        (int8 codes and a float32 scale per 256 coordinates, stochastic).
+        Complex parameters take ``None`` or ``"float32"``.
+      seed: the stochastic rounding's seed (its bits are a function of the
+        seed, the step, the array and the coordinate).
 
     State: per parameter ``step``, ``exp_avg`` and ``hessian`` (the paper's
-    reference layout, whose state dicts load here); per group, in the state of
+    reference layout, whose state dicts load here; in their forms, with
+    ``hessian_scale`` for ``"block8"``); per group, in the state of
     its first parameter, ``group_step`` (steps taken), ``group_rho`` (the
     current rho), ``group_win_rate`` (of the last step) and, once a GNB
     refresh has run, ``group_label_count`` (its label count), all 0-dim
@@ -112,6 +134,9 @@ class SophiaG(Optimizer):
         eps: float = _D.eps,
         foreach: bool | None = None,
         fused: bool | None = None,
+        mu_dtype: Any = None,
+        hessian_dtype: Any = None,
+        seed: int = 0,
     ) -> None:
         hyperparameters = {
             "lr": lr,
@@ -125,9 +150,13 @@ class SophiaG(Optimizer):
             "eps": eps,
             "foreach": foreach,
             "fused": fused,
+            "mu_dtype": mu_dtype,
+            "hessian_dtype": hessian_dtype,
+            "seed": seed,
         }
         # the defaults once here; each group then checks only what it sets itself
         _validate(hyperparameters)
+        nstate.canonical(hyperparameters)
         defaults = {**hyperparameters, "betas": tuple(betas)}
         self._misuse = MisuseMonitor()
         super().__init__(params, defaults)
@@ -146,7 +175,13 @@ class SophiaG(Optimizer):
         values = {k: group[k] for k in own}
         if "fused" in values or "foreach" in values:
             values.update(fused=group["fused"], foreach=group["foreach"])
-        _validate(values)
+        try:
+            _validate(values)
+            nstate.canonical(group)
+            nstate.check_group(group)
+        except ValueError:
+            self.param_groups.pop()  # nothing half-changed
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         had_differentiable = "differentiable" in state.get(
@@ -158,6 +193,8 @@ class SophiaG(Optimizer):
             # changes nothing, and it made a state-dict round trip add keys to every group
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_misuse", MisuseMonitor())
+        for key, value in nstate.KEYS.items():  # pickled before narrow state existed
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:
             earlier = group.pop("sophia_state", None)
             for key, value in self.defaults.items():
@@ -177,8 +214,11 @@ class SophiaG(Optimizer):
           state_dict: as returned by :meth:`state_dict`.
         """
         gstate.check_saved_shapes(self.param_groups, state_dict)
+        state_dict = nstate.with_form_keys(state_dict)
+        nstate.check_saved_forms(self.param_groups, state_dict)
         super().load_state_dict(state_dict)
         gstate.restore_group_dtypes(self.state, self.param_groups, state_dict)
+        nstate.restore_forms(self.state, self.param_groups, state_dict)
         self._misuse.last_refresh_steps = None
 
     def _param_name(self, group: dict[str, Any], index: int) -> str:
@@ -201,10 +241,7 @@ class SophiaG(Optimizer):
         if "step" not in state:
             device = gstate.step_device(group, p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if "hessian" not in state:
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        nstate.init_param_state(state, group, p)
         return state
 
     def _init_group(
@@ -215,6 +252,7 @@ class SophiaG(Optimizer):
         exp_avgs: list[Tensor],
         hessians: list[Tensor],
         state_steps: list[Tensor],
+        hessian_scales: list[Tensor],
     ) -> bool:
         has_complex = False
         for i, p in enumerate(group["params"]):
@@ -237,6 +275,8 @@ class SophiaG(Optimizer):
             exp_avgs.append(state["exp_avg"])
             hessians.append(state["hessian"])
             state_steps.append(state["step"])
+            if nstate.HESSIAN_SCALE in state:
+                hessian_scales.append(state[nstate.HESSIAN_SCALE])
         return has_complex
 
     # ------------------------------------------------------------------ step
@@ -274,7 +314,10 @@ class SophiaG(Optimizer):
             exp_avgs: list[Tensor] = []
             hessians: list[Tensor] = []
             state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, hessians, state_steps)
+            scales: list[Tensor] = []
+            has_complex = self._init_group(
+                group, params, grads, exp_avgs, hessians, state_steps, scales
+            )
             if not params:
                 continue
             st = gstate.group_state(self.state, group)
@@ -296,6 +339,10 @@ class SophiaG(Optimizer):
                 weight_decay=group["weight_decay"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                mu_dtype=group["mu_dtype"],
+                hessian_dtype=group["hessian_dtype"],
+                seed=group["seed"],
+                hessian_scales=scales or None,
             )
             gstate.store_win_rate(st, n_win, params)
 
@@ -389,17 +436,33 @@ class SophiaG(Optimizer):
             ]
         k = 0
         for group in self.param_groups:
-            hs, es = [], []
+            hs, es, states, dtypes = [], [], [], []
             for p in group["params"]:
                 e = estimates[k]
                 k += 1
                 if e is None:
                     continue
-                hs.append(self._init_state(group, p)["hessian"])
+                states.append(self._init_state(group, p))
+                hs.append(states[-1]["hessian"])
                 es.append(e)
+                dtypes.append(p.dtype)
             st = gstate.group_state(self.state, group)
             if hs:
-                hessian_ema(hs, es, beta2=group["betas"][1], foreach=group["foreach"])
+                hessian_ema(
+                    hs,
+                    es,
+                    beta2=group["betas"][1],
+                    foreach=group["foreach"],
+                    hessian_dtype=group["hessian_dtype"],
+                    param_dtypes=dtypes,
+                    # the index of the step this refresh starts: each parameter's steps so far
+                    state_steps=[s["step"] for s in states],
+                    seed=group["seed"],
+                    hessian_scales=[
+                        s[nstate.HESSIAN_SCALE] for s in states if nstate.HESSIAN_SCALE in s
+                    ]
+                    or None,
+                )
             if st is None:
                 continue
             if count is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sophia import narrow
+from sophia import narrow, spec
 from sophia.torch import _narrow as tn
 from tests.torch.torchref import n, same, t
 
@@ -200,3 +200,368 @@ def test_bfloat16_of_ml_dtypes_and_torch_agree_on_exact_values():
     """The comparison's premise: a bfloat16 value read as float32 is its exact value in both."""
     x = np.float32([1.0, -2.5, 3.0e38, 2.0**-133])
     assert same(n(torch.from_numpy(x).to(torch.bfloat16)), x.astype(ml_dtypes.bfloat16).astype(F32))
+
+
+# ----------------------------------------------------------------------------- SophiaG
+
+HYPER = {"lr": 3e-2, "betas": (0.9, 0.97), "rho": 0.037, "weight_decay": 0.13, "bs": 333}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NP_OF = {torch.float32: F32, torch.float64: np.float64, torch.bfloat16: BF16}
+#: 561 and 1200 coordinates cut into flat slices (a partial last block each) when the CPU
+#: block is patched to 512 (see sliced).
+SHAPES = [(), (7,), (33, 17), (40, 30)]
+FORMS = [
+    (mu, h) for mu in (None, "float32", "bfloat16") for h in (None, "float32", "bfloat16", "block8")
+]
+PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}}
+
+
+@pytest.fixture
+def sliced(monkeypatch):
+    """CPU blocks of 512 elements: the bodies' flat slices run on these small tensors too."""
+    from sophia.torch import _blocks
+
+    monkeypatch.setattr(_blocks, "_CPU_BLOCK", 512)
+
+
+class NarrowReference:
+    """The spec's NumPy driver: spec.hessian_ema and spec.sophia_update with narrow forms."""
+
+    def __init__(self, thetas, mu_dtype, hessian_dtype, seed, maximize=False):
+        self.p = [np.array(x) for x in thetas]
+        self.mu_dtype, self.hessian_dtype, self.seed = mu_dtype, hessian_dtype, seed
+        self.maximize = maximize
+        self.m = [np.zeros_like(x, dtype=mu_dtype or x.dtype) for x in self.p]
+        self.h = [self._zero_h(x) for x in self.p]
+        self.step_index = 0
+
+    def _zero_h(self, x):
+        if self.hessian_dtype == "block8":
+            return narrow.Block8(
+                np.zeros(x.shape, np.int8), np.zeros(narrow.block_count(x.size), F32)
+            )
+        return np.zeros_like(x, dtype=self.hessian_dtype or x.dtype)
+
+    def refresh(self, h_hats):
+        self.h = [
+            narrow_ema(h, e, x.dtype, self.hessian_dtype, self.seed, self.step_index)
+            for h, e, x in zip(self.h, h_hats, self.p)
+        ]
+
+    def step(self, grads):
+        for i, g in enumerate(grads):
+            self.p[i], self.m[i], _ = spec.sophia_update(
+                self.p[i],
+                g,
+                self.m[i],
+                self.h[i],
+                lr=HYPER["lr"],
+                b1=HYPER["betas"][0],
+                rho=HYPER["rho"],
+                bs=HYPER["bs"],
+                weight_decay=HYPER["weight_decay"],
+                eps=spec.DEFAULTS.eps,
+                maximize=self.maximize,
+                mu_dtype=self.mu_dtype,
+                seed=self.seed,
+                step=self.step_index,
+            )
+        self.step_index += 1
+
+
+def narrow_ema(h, h_hat, param_dtype, form, seed, step):
+    return spec.hessian_ema(
+        h, h_hat, HYPER["betas"][1], hessian_dtype=form, compute=param_dtype, seed=seed, step=step
+    )
+
+
+def _draws(seed, thetas, steps):
+    rng = np.random.default_rng(seed)
+    grads = [[np.asarray(rng.normal(size=x.shape), x.dtype) for x in thetas] for _ in range(steps)]
+    # negative (Hutchinson-like) estimates and zeros too
+    h_hats = [
+        [np.asarray(rng.normal(size=x.shape) * 1e-2 + 5e-3, F32) for x in thetas]
+        for _ in range(steps)
+    ]
+    return grads, h_hats
+
+
+def _thetas(dtype, shapes=SHAPES, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.asarray(rng.normal(size=s), F32).astype(NP_OF[dtype]) for s in shapes]
+
+
+def _assert_state_equal(opt, params, ref):
+    for i, p in enumerate(params):
+        st = opt.state[p]
+        assert same(
+            n(p), np.asarray(ref.p[i]).astype(F32 if ref.p[i].dtype == BF16 else ref.p[i].dtype)
+        ), i
+        assert same(_bf16_as_f32(st["exp_avg"]), _bf16_as_f32(ref.m[i])), i
+        want_h = ref.h[i]
+        if isinstance(want_h, narrow.Block8):
+            assert st["hessian"].dtype == torch.int8
+            assert same(st["hessian"], want_h.codes) and same(st["hessian_scale"], want_h.scale), i
+        else:
+            assert "hessian_scale" not in st
+            assert same(_bf16_as_f32(st["hessian"]), _bf16_as_f32(want_h)), i
+
+
+def _run(dtype, mu, hd, path, steps=20, seed=5, maximize=False, shapes=SHAPES, **kw):
+    from sophia.torch import SophiaG
+
+    thetas = _thetas(dtype, shapes)
+    grads, h_hats = _draws(seed, thetas, steps)
+    names = (
+        narrow.state_dtype_name(k, v, narrow.HESSIAN_DTYPES) for k, v in (("mu", mu), ("h", hd))
+    )
+    ref = NarrowReference(thetas, *names, seed, maximize)
+    params = [torch.nn.Parameter(torch.from_numpy(x.astype(F32)).to(dtype)) for x in thetas]
+    opt = SophiaG(
+        params,
+        **HYPER,
+        maximize=maximize,
+        mu_dtype=mu,
+        hessian_dtype=hd,
+        seed=seed,
+        **PATHS[path],
+        **kw,
+    )
+    for step in range(steps):
+        if step % 3 == 0 or step == 10:  # k = 3, and once off the grid
+            ref.refresh(h_hats[step])
+            opt.update_hessian(
+                hessian=[torch.from_numpy(e) for e in h_hats[step]], allow_repeat=True
+            )
+        ref.step(grads[step])
+        for p, g in zip(params, grads[step]):
+            p.grad = torch.from_numpy(g.astype(F32) if g.dtype == BF16 else g).to(dtype)
+        opt.step()
+    return opt, params, ref
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("mu,hd", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steps_equal_the_spec_bit_for_bit(dtype, mu, hd, path, sliced):
+    opt, params, ref = _run(dtype, mu, hd, path)
+    _assert_state_equal(opt, params, ref)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("mu,hd", [("bfloat16", "block8"), ("float32", "bfloat16")])
+def test_float64_and_maximize_equal_the_spec(mu, hd, path, sliced):
+    """float64 parameters round to float32 first, then stochastically (the spec's order)."""
+    opt, params, ref = _run(torch.float64, mu, hd, path, steps=8, maximize=True)
+    _assert_state_equal(opt, params, ref)
+
+
+def test_a_torch_dtype_works_like_its_name():
+    a = _run(torch.float32, torch.bfloat16, torch.bfloat16, "foreach", steps=4)
+    b = _run(torch.float32, "bfloat16", "bfloat16", "foreach", steps=4)
+    assert a[0].param_groups[0]["mu_dtype"] == "bfloat16" == a[0].param_groups[0]["hessian_dtype"]
+    _assert_state_equal(*a)
+    for pa, pb in zip(a[1], b[1]):
+        assert same(pa, pb) and same(n(a[0].state[pa]["exp_avg"]), n(b[0].state[pb]["exp_avg"]))
+
+
+def test_capturable_steps_equal_the_spec():
+    opt, params, ref = _run(
+        torch.float32, "bfloat16", "block8", "foreach", steps=7, capturable=True
+    )
+    _assert_state_equal(opt, params, ref)
+
+
+def test_state_bytes_of_the_forms():
+    from sophia.torch import SophiaG
+
+    shapes = [(1000,), (256,), (3, 5)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = SophiaG(params, mu_dtype="bfloat16", hessian_dtype="block8")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in params:
+        st, size = opt.state[p], p.numel()
+        assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg"].element_size() == 2
+        h_bytes = st["hessian"].nbytes + st["hessian_scale"].nbytes
+        assert h_bytes == size + 4 * -(-size // 256) == narrow.state_bytes(size, "block8", 4)
+        assert st["exp_avg"].nbytes == narrow.state_bytes(size, "bfloat16", 4) == 2 * size
+
+
+def test_gnb_refresh_with_block8_writes_a_nonzero_hessian():
+    from sophia.torch import SophiaG
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 5)
+    opt = SophiaG(model.parameters(), hessian_dtype="block8", mu_dtype="bfloat16", seed=3)
+    logits = model(torch.randn(16, 8))
+    opt.update_hessian(logits=logits, generator=torch.Generator().manual_seed(1))
+    for p in model.parameters():
+        st = opt.state[p]
+        assert st["hessian"].dtype == torch.int8 and bool((st["hessian"] != 0).any())
+        assert bool((st["hessian_scale"] > 0).all())
+    diag = opt.diagnostics()[0]
+    decoded = [
+        tn.decode_block8(opt.state[p]["hessian"], opt.state[p]["hessian_scale"])
+        for p in model.parameters()
+    ]
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(h) for h in decoded]))
+    assert same(diag["hessian_norm"], want) and float(want) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_resumes_bit_identically(dtype):
+    import copy
+
+    from sophia.torch import SophiaG
+
+    opt, params, _ = _run(dtype, "bfloat16", "block8", "foreach", steps=5)
+    saved = copy.deepcopy(opt.state_dict())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = SophiaG(twins, **HYPER, mu_dtype="bfloat16", hessian_dtype="block8", foreach=True)
+    twin.load_state_dict(saved)
+    assert twin.param_groups[0]["seed"] == 5
+    for p, q in zip(params, twins):
+        for key in ("exp_avg", "hessian", "hessian_scale", "step"):
+            a, b = opt.state[p][key], twin.state[q][key]
+            assert a.dtype == b.dtype and same(_bf16_as_f32(a), _bf16_as_f32(b)), key
+    for step in range(4):
+        grads = [
+            torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) for p in params
+        ]
+        if step == 1:
+            for o in (opt, twin):
+                o.update_hessian(hessian=[g * g for g in grads])
+        for o, ps in ((opt, params), (twin, twins)):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(dtype)
+            o.step()
+    for p, q in zip(params, twins):
+        assert same(p, q)
+        assert same(opt.state[p]["hessian"], twin.state[q]["hessian"])
+        assert same(_bf16_as_f32(opt.state[p]["exp_avg"]), _bf16_as_f32(twin.state[q]["exp_avg"]))
+
+
+def test_load_into_other_forms_fails_and_changes_nothing():
+    from sophia.torch import SophiaG
+
+    opt, params, _ = _run(torch.float32, "bfloat16", "block8", "single", steps=3)
+    saved = opt.state_dict()
+    other = SophiaG(
+        [torch.nn.Parameter(p.detach().clone()) for p in params], hessian_dtype="block8"
+    )
+    before = copy_groups(other)
+    with pytest.raises(
+        ValueError, match=r"mu_dtype='bfloat16' but this optimizer has mu_dtype=None"
+    ):
+        other.load_state_dict(saved)
+    assert copy_groups(other) == before and not other.state
+
+
+def copy_groups(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def test_an_old_state_dict_loads_as_forms_none_and_seed_zero():
+    from sophia.torch import SophiaG
+
+    opt, params, _ = _run(torch.float32, None, None, "foreach", steps=3)
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:
+        for key in ("mu_dtype", "hessian_dtype", "seed"):
+            del g[key]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = SophiaG(twins, seed=9)
+    plain.load_state_dict(saved)
+    group = plain.param_groups[0]
+    assert (group["mu_dtype"], group["hessian_dtype"], group["seed"]) == (None, None, 0)
+    with pytest.raises(
+        ValueError, match="hessian_dtype=None but this optimizer has hessian_dtype='block8'"
+    ):
+        SophiaG(twins, hessian_dtype="block8").load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mu_dtype": "block8"}, r"Invalid mu_dtype: 'block8' \(allowed: None"),
+        ({"hessian_dtype": "float16"}, r"Invalid hessian_dtype: 'float16'"),
+        ({"hessian_dtype": torch.float16}, r"Invalid hessian_dtype: torch.float16"),
+        ({"seed": -1}, r"Invalid seed: -1 \(allowed: an integer in \[0, 2\*\*32\)\)"),
+        ({"seed": 1.5}, r"Invalid seed: 1.5"),
+        (
+            {"mu_dtype": "bfloat16", "fused": True},
+            r"fused=True does not run mu_dtype='bfloat16' yet; use foreach",
+        ),
+    ],
+)
+def test_bad_forms_fail_naming_the_argument(kwargs, match):
+    from sophia.torch import SophiaG
+
+    with pytest.raises(ValueError, match=match):
+        SophiaG([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_stochastic_forms_on_complex_parameters_fail_and_change_nothing():
+    from sophia.torch import SophiaG
+
+    opt = SophiaG([torch.nn.Parameter(torch.zeros(3))], mu_dtype="bfloat16")
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid mu_dtype: 'bfloat16' for complex parameters \(allowed: None or "
+        r"'float32' for complex parameters\)",
+    ):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=r"Invalid hessian_dtype: 'block8' for complex"):
+        SophiaG([z], hessian_dtype="block8")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_complex_parameters_in_float32_forms(path):
+    """complex128 in the float32 forms: complex64 state, the math in float64 on real pairs."""
+    from sophia.torch import SophiaG
+
+    z = torch.nn.Parameter(
+        torch.randn(6, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    )
+    real = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    opts = [
+        SophiaG([z], **HYPER, mu_dtype="float32", hessian_dtype="float32", **PATHS[path]),
+        SophiaG([real], **HYPER, mu_dtype="float32", hessian_dtype="float32", **PATHS[path]),
+    ]
+    for step in range(4):
+        g = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        z.grad, real.grad = torch.view_as_complex(g.clone()), g.clone()
+        if step % 2 == 0:
+            opts[0].update_hessian(hessian=[g * g])
+            opts[1].update_hessian(hessian=[g * g])
+        for o in opts:
+            o.step()
+    assert opts[0].state[z]["exp_avg"].dtype == torch.complex64
+    assert same(torch.view_as_real(z.detach()), real)
+    assert same(torch.view_as_real(opts[0].state[z]["hessian"]), opts[1].state[real]["hessian"])
+
+
+def test_functional_block8_needs_the_scales():
+    from sophia.torch import sophia_g
+
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="hessian_scales"):
+        sophia_g(
+            [p],
+            [p],
+            [p],
+            [torch.zeros(3, dtype=torch.int8)],
+            [torch.zeros(())],
+            lr=0.1,
+            beta1=0.9,
+            rho=0.1,
+            bs=1,
+            weight_decay=0.0,
+            eps=1e-12,
+            maximize=False,
+            hessian_dtype="block8",
+        )

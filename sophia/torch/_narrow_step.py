@@ -1,0 +1,121 @@
+"""The narrow state inside a step: ``h`` read decoded, ``m`` and ``h`` written in their forms.
+
+The for-loop and foreach bodies run their math on ``m`` and ``h`` in the
+compute dtype. With a narrow form (:mod:`sophia.narrow`) they read a piece's
+``h`` through :func:`decoded_hessian` and an upcast ``m``, run the unchanged
+update, and store the new momentum with :func:`store_momentum`; the update
+itself has read the unrounded momentum, as the spec says. A piece is a whole
+tensor or a flat slice of one, so the random bits and block scales are taken
+at the piece's offset in its tensor. The Hessian EMA writes ``h`` with
+:func:`narrow_hessian_ema`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sophia import narrow
+from sophia.torch import _narrow as tn
+from sophia.torch._scalars import Hyperparameters, Scalar, compute_dtype, ema_rates
+
+
+def is_narrow(hyper: Hyperparameters) -> bool:
+    """Whether either state has a form other than the parameter's dtype."""
+    return hyper.mu_dtype is not None or hyper.hessian_dtype is not None
+
+
+def momentum_key(hyper: Hyperparameters, step: Tensor) -> int | Tensor | None:
+    """The momentum stream's key for a tensor at ``step`` (its counter before the increment).
+
+    ``None`` where ``m`` rounds to nearest (no random bits needed).
+    """
+    if hyper.mu_dtype not in tn.STOCHASTIC:
+        return None
+    return tn.stream_key(hyper.seed, step, narrow.STREAM_MU)
+
+
+def decoded_hessian(h: Tensor, scale: Tensor | None, offset: int, compute: torch.dtype) -> Tensor:
+    """A piece of ``h`` in the compute dtype; ``scale``: its whole tensor's block scales (block8).
+
+    ``offset`` is the piece's first coordinate in its tensor, a block boundary.
+    """
+    if scale is None:
+        return h if h.dtype == compute else h.to(compute)
+    first = offset // narrow.BLOCK_SIZE
+    scales = scale[first : first + narrow.block_count(h.numel())]
+    return tn.decode_block8(h, scales).to(compute)
+
+
+def store_momentum(
+    m: Tensor, mc: Tensor, form: str | None, key: int | Tensor | None, offset: int
+) -> None:
+    """The new momentum ``mc`` (compute dtype) stored into ``m``, a piece at ``offset``.
+
+    Stochastically for ``"bfloat16"`` (bits of ``key``), else rounded to nearest;
+    nothing to do where ``mc`` is ``m`` itself (the form is the compute dtype).
+    """
+    if mc is m:
+        return
+    if form in tn.STOCHASTIC:
+        assert key is not None
+        bits = tn.bits_of_key(key, m.numel(), m.device, offset).view(m.shape)
+        m.copy_(tn.round_bfloat16(mc.to(torch.float32), bits))
+    else:
+        m.copy_(mc)
+
+
+def narrow_hessian_ema(
+    h: Tensor,
+    scale: Tensor | None,
+    estimate: Tensor,
+    rates: tuple[Scalar, Scalar],
+    compute: torch.dtype,
+    form: str,
+    seed: int,
+    step: Tensor | int,
+) -> None:
+    """``h <- b2 h + (1 - b2) h_hat`` in ``compute``, stored in ``form`` in place.
+
+    ``h`` is the stored tensor (int8 codes with ``scale`` for block8, a real
+    view for a complex parameter); ``rates`` are ``(b2, 1 - b2)`` in
+    ``compute``; ``step`` is the index of the step this refresh starts.
+    """
+    b2, one_minus_b2 = rates
+    hc = decoded_hessian(h, scale, 0, compute)
+    new = hc * b2 + estimate.to(device=h.device, dtype=compute) * one_minus_b2
+    stored = tn.encode(new, form, h.dtype, seed, step, narrow.STREAM_HESSIAN)
+    if isinstance(stored, tuple):
+        assert scale is not None
+        h.copy_(stored[0])
+        scale.copy_(stored[1])
+    else:
+        h.copy_(stored)
+
+
+def narrow_hessian_emas(
+    hs: list[Tensor],
+    es: list[Tensor],
+    beta2: Scalar,
+    form: str,
+    param_dtypes: list[torch.dtype] | None,
+    state_steps: list[Tensor] | None,
+    seed: int,
+    scales: list[Tensor] | None,
+) -> None:
+    """:func:`hessian_ema` with ``hessian_dtype`` set: one tensor at a time, through the form."""
+    k = len(hs)
+    for name, xs, needed in (
+        ("param_dtypes", param_dtypes, True),
+        ("state_steps", state_steps, form in tn.STOCHASTIC),
+        ("hessian_scales", scales, form == narrow.BLOCK8),
+    ):
+        if needed and (xs is None or len(xs) != k):
+            raise ValueError(f"hessian_ema: hessian_dtype={form!r} needs one {name} per Hessian")
+    assert param_dtypes is not None
+    for i, (h, e) in enumerate(zip(hs, es)):
+        compute = compute_dtype(param_dtypes[i])
+        step = state_steps[i] if state_steps is not None else 0
+        scale = scales[i] if scales is not None else None
+        rates = ema_rates(beta2, compute, h.device)
+        narrow_hessian_ema(h, scale, e, rates, compute, form, seed, step)
