@@ -58,6 +58,7 @@ def sophia_g(
     dynamic: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any | None = None,
+    hessian_dtype: Any | None = None,
     seed: int | jax.Array = 0,
     axis_name: str | None = None,
     step_diagnostics: bool = True,
@@ -112,8 +113,12 @@ def sophia_g(
       dynamic: adapt ``rho`` to keep the win rate in [0.1, 0.5].
       weight_decay_mask: a pytree of booleans (or a function of the params
         returning one) selecting the leaves that decay.
-      mu_dtype: dtype of the momentum (default: the parameters').
-      seed: seed or PRNG key of the label sampling.
+      mu_dtype: the momentum's form (:mod:`sophia.narrow`): ``None`` (the
+        parameters' dtype), ``"float32"`` or ``"bfloat16"`` (stochastic rounding).
+      hessian_dtype: the Hessian EMA's form: those, or ``"block8"`` (8-bit
+        codes and a float32 scale per 256 coordinates, stochastic rounding).
+      seed: an int in ``[0, 2**32)`` seeding the stochastic rounding and the
+        label sampling, or a PRNG key of the sampling (no stochastic form then).
       axis_name: inside ``shard_map``/``pmap`` with the batch split along this
         mapped axis, the estimator averages over it so that every replica holds
         the global estimate (average the gradients over the same axis yourself,
@@ -130,17 +135,8 @@ def sophia_g(
       Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
       Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
     """
-    spec.validate(
-        lr=learning_rate,
-        betas=(b1, b2),
-        rho=rho,
-        weight_decay=weight_decay,
-        eps=eps,
-        bs=bs,
-        hessian_update_interval=hessian_update_interval,
-        maximize=maximize,
-        dynamic=dynamic,
-    )
+    # The two hyperparameters only this chain takes; scale_by_sophia validates the rest.
+    spec.validate(lr=learning_rate, weight_decay=weight_decay)
     return optax.chain(
         scale_by_sophia(
             b1,
@@ -155,6 +151,7 @@ def sophia_g(
             maximize=maximize,
             dynamic=dynamic,
             mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
             seed=seed,
             step_diagnostics=step_diagnostics,
         ),
@@ -179,6 +176,7 @@ def sophia_h(
     dynamic: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any | None = None,
+    hessian_dtype: Any | None = None,
     seed: int | jax.Array = 0,
     axis_name: str | None = None,
     step_diagnostics: bool = True,
@@ -206,8 +204,10 @@ def sophia_h(
       maximize: ascend instead of descend.
       dynamic: adapt ``rho`` to keep the win rate in [0.1, 0.5].
       weight_decay_mask: which leaves decay.
-      mu_dtype: dtype of the momentum.
-      seed: seed or PRNG key of the Rademacher probes.
+      mu_dtype: the momentum's form (see :func:`sophia_g`, :mod:`sophia.narrow`).
+      hessian_dtype: the Hessian EMA's form (see :func:`sophia_g`).
+      seed: an int seeding the stochastic rounding and the Rademacher probes,
+        or a PRNG key of the probes (see :func:`sophia_g`).
       axis_name: mapped axis the batch is split along (see :func:`sophia_g`).
       step_diagnostics: see :func:`sophia_g`.
 
@@ -228,6 +228,7 @@ def sophia_h(
         dynamic=dynamic,
         weight_decay_mask=weight_decay_mask,
         mu_dtype=mu_dtype,
+        hessian_dtype=hessian_dtype,
         seed=seed,
         axis_name=axis_name,
         step_diagnostics=step_diagnostics,

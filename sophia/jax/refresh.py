@@ -1,7 +1,9 @@
 """One Hessian refresh: the EMA of an estimate, the dynamic-rho rule, the ``bs`` to follow.
 
 The rules are those of :mod:`sophia.spec`; :func:`sophia.jax.scale_by_sophia`
-applies a refresh at the start of a step, before that step's update.
+applies a refresh at the start of a step, before that step's update. The EMA
+reads the stored ``h`` decoded and stores the new one in its form
+(:mod:`sophia.jax.narrow`), rounding with that step's index.
 """
 
 from __future__ import annotations
@@ -15,18 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sophia import spec
+from sophia import narrow, spec
+from sophia.jax import narrow as jnarrow
 from sophia.jax.diagnostics import win_rate_and_norm
-from sophia.jax.real_pairs import (
-    compute_dtype,
-    estimate_parts,
-    join_parts,
-    real_parts,
-    real_size,
-    sq_norm,
-)
+from sophia.jax.real_pairs import estimate_parts, real_parts, real_size, sq_norm
 from sophia.jax.state import Estimate, LabelCountWarning, ScaleBySophiaState
-from sophia.jax.step import clip_inputs
+from sophia.jax.step import clip_inputs, leaf_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +37,8 @@ class RefreshConfig:
       dynamic: whether the dynamic-rho rule is on.
       step_diagnostics: whether every step records the win rate and momentum
         norm (otherwise the refresh computes them for the step before it).
+      hessian_dtype: the form ``h`` is stored in (:mod:`sophia.narrow`).
+      seed: the stochastic rounding's seed (an int, or a traced integer scalar).
     """
 
     b2: chex.Numeric
@@ -49,6 +47,8 @@ class RefreshConfig:
     eps: chex.Numeric
     dynamic: bool
     step_diagnostics: bool
+    hessian_dtype: str | None = None
+    seed: Any = 0
 
     def bs_in_force(self, state: ScaleBySophiaState) -> jax.Array:
         """The ``bs`` the update divides by, in the state's scalar dtype."""
@@ -64,12 +64,18 @@ def split_estimate(h_hat: Any) -> tuple[optax.Updates, Any]:
     return h_hat, None
 
 
+def _is_state_leaf(x: Any) -> bool:
+    """A leaf of the state trees: a masked placeholder, or a block-form ``h`` (one leaf)."""
+    return isinstance(x, (optax.MaskedNode, narrow.Block8))
+
+
 def apply_estimate(
     state: ScaleBySophiaState,
     h_hat: optax.Updates,
     label_count: Any,
     config: RefreshConfig,
     warned: set[str],
+    grads: optax.Updates,
 ) -> ScaleBySophiaState:
     """Refreshes ``state`` with the estimate ``h_hat``: EMA, dynamic rho, then the ``bs``.
 
@@ -79,17 +85,21 @@ def apply_estimate(
       label_count: the number of labels behind it, or ``None`` if unknown.
       config: the transform's configuration.
       warned: the one-time warnings this transform has given.
+      grads: the step's gradients: their dtypes are the parameters', which a
+        narrow ``h`` does not tell (:func:`sophia.jax.step.leaf_compute_dtype`).
 
     Returns:
       The refreshed state.
     """
-    state = _catch_up_diagnostics(state, config)
-    state = _ema_and_rho(state, h_hat, config)
+    state = _catch_up_diagnostics(state, config, grads)
+    state = _ema_and_rho(state, h_hat, config, grads)
     # After the EMA: the catch-up above needs the bs of the step before.
     return _follow_label_count(state, label_count, config, warned)
 
 
-def _catch_up_diagnostics(state: ScaleBySophiaState, config: RefreshConfig) -> ScaleBySophiaState:
+def _catch_up_diagnostics(
+    state: ScaleBySophiaState, config: RefreshConfig, grads: optax.Updates
+) -> ScaleBySophiaState:
     """Without per-step diagnostics: those of the last step, from the state, before a refresh.
 
     ``r`` depends only on the stored ``m``, ``h``, ``rho``, ``bs`` and ``eps``, all
@@ -103,14 +113,18 @@ def _catch_up_diagnostics(state: ScaleBySophiaState, config: RefreshConfig) -> S
     # Computed unconditionally (it runs at refreshes only): under lax.cond the
     # parameter-sized operands cost XLA:CPU copies that took longer than the pass.
     sd = state.rho.dtype
+    hs = jax.tree.leaves(state.hessian, is_leaf=jnarrow.is_block8)
+    cds = [leaf_compute_dtype(h, g, config.hessian_dtype)
+           for h, g in zip(hs, jax.tree.leaves(grads), strict=True)]  # fmt: skip
     inputs = clip_inputs(
         jax.tree.leaves(state.mu),
-        jax.tree.leaves(state.hessian),
+        hs,
+        cds,
         state.rho,
         config.bs_in_force(state),
         jnp.asarray(config.eps, sd),
     )
-    win_rate, m_norm = win_rate_and_norm(inputs, real_size(state.hessian), sd)
+    win_rate, m_norm = win_rate_and_norm(inputs, real_size(state.mu), sd)
     first = state.count == 0  # no step yet: nothing to report
     return state._replace(
         win_rate=jnp.where(first, state.win_rate, win_rate),
@@ -119,28 +133,36 @@ def _catch_up_diagnostics(state: ScaleBySophiaState, config: RefreshConfig) -> S
 
 
 def _ema_and_rho(
-    state: ScaleBySophiaState, h_hat: optax.Updates, config: RefreshConfig
+    state: ScaleBySophiaState, h_hat: optax.Updates, config: RefreshConfig, grads: optax.Updates
 ) -> ScaleBySophiaState:
     """``h <- b2 h + (1 - b2) h_hat``, then the dynamic-rho rule on the last win rate."""
     sd = state.rho.dtype
     b2 = jnp.asarray(config.b2, sd)
 
-    def ema(h: jax.Array, hh: jax.Array) -> jax.Array:
+    def ema(h: Any, hh: jax.Array, g: jax.Array) -> Any:
         if isinstance(h, optax.MaskedNode):  # a leaf another transform owns (masked)
             return h
-        cd = compute_dtype(h.dtype)
+        cd = leaf_compute_dtype(h, g, config.hessian_dtype)
         b2c = b2.astype(cd)
+        values = jnarrow.decode(h, cd) if jnarrow.is_block8(h) else h
         parts = [
             b2c * hp.astype(cd) + (jnp.asarray(1, cd) - b2c) * hhp.astype(cd)
-            for hp, hhp in zip(real_parts(h), estimate_parts(hh, h), strict=True)
+            for hp, hhp in zip(real_parts(values), estimate_parts(hh, values), strict=True)
         ]
-        return join_parts(parts, h.dtype)
+        like = jnp.float32 if jnarrow.is_block8(h) else h.dtype
+        return jnarrow.store(
+            parts, config.hessian_dtype, like, config.seed, state.count, narrow.STREAM_HESSIAN
+        )
 
-    hessian = jax.tree.map(
-        ema, state.hessian, h_hat, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    hessian = jax.tree.map(ema, state.hessian, h_hat, grads, is_leaf=_is_state_leaf)
+    # The norm is of the values h holds (a block-form leaf decoded).
+    values = jax.tree.map(
+        lambda h: jnarrow.decode_block8(h) if jnarrow.is_block8(h) else h,
+        hessian,
+        is_leaf=_is_state_leaf,
     )
     rho = state.rho
-    if real_size(hessian) > 0:
+    if real_size(values) > 0:
         rho0 = jnp.asarray(config.rho, sd)
         f = jnp.asarray(spec.DYNAMIC_FACTOR, sd)
         span = jnp.asarray(spec.DYNAMIC_RANGE, sd)
@@ -156,7 +178,7 @@ def _ema_and_rho(
         )
         dynamic = jnp.asarray(config.dynamic, jnp.bool_)
         rho = jnp.where(dynamic & (state.count > 0), moved, rho)
-    return state._replace(hessian=hessian, rho=rho, hessian_norm=jnp.sqrt(sq_norm(hessian, sd)))
+    return state._replace(hessian=hessian, rho=rho, hessian_norm=jnp.sqrt(sq_norm(values, sd)))
 
 
 def _warn_once(warned: set[str], key: str, message: str) -> None:

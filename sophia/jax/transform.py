@@ -11,9 +11,11 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sophia import spec
+from sophia import narrow, spec
+from sophia.jax import narrow as jnarrow
 from sophia.jax.diagnostics import win_rate_and_norm
 from sophia.jax.real_pairs import is_complex, real_size, scalar_dtype
 from sophia.jax.refresh import RefreshConfig, apply_estimate, split_estimate
@@ -35,6 +37,7 @@ def scale_by_sophia(
     maximize: bool = False,
     dynamic: bool = False,
     mu_dtype: Any | None = None,
+    hessian_dtype: Any | None = None,
     seed: int | jax.Array = 0,
     step_diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -67,7 +70,8 @@ def scale_by_sophia(
     A complex parameter is a pair of real parameters (as in torch's port): its
     real and imaginary parts each get their own momentum, Hessian EMA,
     clipping and sign, held in complex ``mu`` and ``hessian`` leaves, and count
-    as two coordinates of the win rate. As for any optax optimizer, pass the
+    as two coordinates of the win rate (its state forms: ``None`` or
+    ``"float32"``). As for any optax optimizer, pass the
     conjugate of :func:`jax.grad`'s result for a real loss of complex
     parameters (``jax.grad`` returns :math:`\partial_x f - i\,\partial_y f`).
 
@@ -89,8 +93,15 @@ def scale_by_sophia(
       maximize: ascend the objective instead of descending it.
       dynamic: adapt ``rho`` to keep the win rate in
         :data:`sophia.spec.WIN_RATE_BAND` (rule in :mod:`sophia.spec`).
-      mu_dtype: dtype of the momentum; defaults to each parameter's dtype.
-      seed: seed or PRNG key of the estimator's label/probe sampling.
+      mu_dtype: the momentum's form (:mod:`sophia.narrow`): ``None`` (each
+        parameter's dtype), ``"float32"`` or ``"bfloat16"`` (stochastic rounding);
+        a name, a NumPy/JAX dtype or a torch dtype.
+      hessian_dtype: the Hessian EMA's form: those of ``mu_dtype`` or
+        ``"block8"`` (a :class:`sophia.narrow.Block8` leaf, stochastic rounding).
+      seed: an int in ``[0, 2**32)``: the stochastic rounding's seed
+        (:func:`sophia.narrow.random_bits`) and the estimator's label/probe
+        sampling seed; or a PRNG key of the sampling, where no form rounds
+        stochastically.
       step_diagnostics: compute the win rate and momentum norm at every step.
         They take one more pass over ``m`` and ``h``; with ``False`` they are computed at
         each Hessian refresh instead, for the step before it, which is all the
@@ -112,23 +123,31 @@ def scale_by_sophia(
         hessian_update_interval=hessian_update_interval,
         maximize=maximize,
         dynamic=dynamic,
+        mu_dtype=mu_dtype,
+        hessian_dtype=hessian_dtype,
+        seed=_concrete_seed(seed),
     )
     if hessian_update_interval is not None and estimator is None:
         raise ValueError(
             "Invalid estimator: None (allowed: a callable such as sophia.jax.gnb, "
             "or hessian_update_interval=None to refresh by hand with update(..., hessian=h_hat))"
         )
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-    config = RefreshConfig(b2, rho, bs, eps, dynamic, bool(step_diagnostics))
+    mu_dtype = narrow.state_dtype_name("mu_dtype", mu_dtype, narrow.MU_DTYPES)
+    hessian_dtype = narrow.state_dtype_name("hessian_dtype", hessian_dtype, narrow.HESSIAN_DTYPES)
+    rounding_seed = _rounding_seed(seed, stochastic=_STOCHASTIC & {mu_dtype, hessian_dtype})
+    config = RefreshConfig(
+        b2, rho, bs, eps, dynamic, bool(step_diagnostics), hessian_dtype, rounding_seed
+    )
     warned: set[str] = set()  # the one-time warnings this transform has given
 
     def init_fn(params: optax.Params) -> ScaleBySophiaState:
         sd = scalar_dtype(params)
         key = jax.random.PRNGKey(seed) if jnp.ndim(seed) == 0 and not _is_key(seed) else seed
+        _check_real_forms(params, mu_dtype=mu_dtype, hessian_dtype=hessian_dtype)
         return ScaleBySophiaState(
             count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=_check_mu_dtype(mu_dtype, params)),
-            hessian=optax.tree.zeros_like(params),
+            mu=jax.tree.map(lambda p: jnarrow.zeros(mu_dtype, p), params),
+            hessian=jax.tree.map(lambda p: jnarrow.zeros(hessian_dtype, p), params),
             key=key,
             rho=jnp.asarray(rho, sd),
             win_rate=jnp.zeros([], sd),
@@ -148,14 +167,14 @@ def scale_by_sophia(
     ) -> tuple[optax.Updates, ScaleBySophiaState]:
         _check_bs_mode(state, bs)
         if hessian is not None:
-            state = _refresh_by_hand(state, hessian, label_count)
+            state = _refresh_by_hand(state, hessian, label_count, updates)
         elif label_count is not None:
             raise ValueError(
                 f"Invalid label_count: {label_count!r} without hessian= (allowed: the label "
                 "count of the estimate passed as update(..., hessian=h_hat, label_count=n))"
             )
         elif hessian_update_interval is not None:
-            state = _builtin_refresh(state, params, extra_args)
+            state = _builtin_refresh(state, params, updates, extra_args)
         u, mu, inputs = sophia_step(
             updates,
             state.mu,
@@ -166,6 +185,8 @@ def scale_by_sophia(
             eps=eps,
             maximize=maximize,
             mu_dtype=mu_dtype,
+            seed=rounding_seed,
+            step=state.count,
         )
         new_state = state._replace(count=optax.safe_int32_increment(state.count), mu=mu)
         if step_diagnostics:
@@ -174,7 +195,7 @@ def scale_by_sophia(
         return u, new_state
 
     def _refresh_by_hand(
-        state: ScaleBySophiaState, hessian: Any, label_count: Any
+        state: ScaleBySophiaState, hessian: Any, label_count: Any, grads: optax.Updates
     ) -> ScaleBySophiaState:
         if hessian_update_interval is not None:
             raise ValueError(
@@ -185,10 +206,13 @@ def scale_by_sophia(
             )
         h_hat, n = split_estimate(hessian)
         return apply_estimate(state, h_hat, n if label_count is None else label_count, config,
-                              warned)  # fmt: skip
+                              warned, grads)  # fmt: skip
 
     def _builtin_refresh(
-        state: ScaleBySophiaState, params: optax.Params | None, extra_args: dict[str, Any]
+        state: ScaleBySophiaState,
+        params: optax.Params | None,
+        grads: optax.Updates,
+        extra_args: dict[str, Any],
     ) -> ScaleBySophiaState:
         if params is None:
             raise ValueError(
@@ -199,7 +223,7 @@ def scale_by_sophia(
         def refresh(s: ScaleBySophiaState) -> ScaleBySophiaState:
             key, sub = jax.random.split(s.key)
             h_hat, n = split_estimate(estimator(params, sub, **extra_args))
-            return apply_estimate(s._replace(key=key), h_hat, n, config, warned)
+            return apply_estimate(s._replace(key=key), h_hat, n, config, warned, grads)
 
         due = state.count % hessian_update_interval == 0
         if isinstance(due, jax.core.Tracer):
@@ -228,20 +252,55 @@ def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _check_mu_dtype(mu_dtype: jnp.dtype | None, params: optax.Params) -> jnp.dtype | None:
-    """``mu_dtype``, if it keeps both parts of every complex parameter (and invents none)."""
-    if mu_dtype is None:
-        return None
-    mu_complex = jnp.issubdtype(mu_dtype, jnp.complexfloating)
-    for p in jax.tree.leaves(params):
-        if is_complex(p) != mu_complex:
-            kind = "complex" if mu_complex else "real"
-            raise ValueError(
-                f"Invalid mu_dtype: {mu_dtype} for a {p.dtype} parameter (allowed: None, or a "
-                f"{'real' if mu_complex else 'complex'} dtype; a {kind} momentum would "
-                f"{'invent' if mu_complex else 'drop'} the imaginary part)"
-            )
-    return mu_dtype
+#: The forms that round stochastically, which need an integer seed and a real parameter.
+_STOCHASTIC = frozenset({"bfloat16", narrow.BLOCK8})
+
+
+def _concrete_seed(seed: Any) -> Any:
+    """``seed`` as :func:`sophia.spec.validate` checks it: an integer scalar array read as an int.
+
+    A PRNG key (of the sampling only) and a traced seed (``optax.inject_hyperparams``
+    under ``jit``) are not the spec's to check: ``0`` stands in for them here.
+    """
+    if not isinstance(seed, (jax.Array, np.ndarray)):
+        return seed
+    if _is_key(seed) or isinstance(seed, jax.core.Tracer) or jnp.ndim(seed) != 0:
+        return 0
+    if not jnp.issubdtype(seed.dtype, jnp.integer):
+        return seed  # refused by the spec, naming it
+    return int(seed)
+
+
+def _rounding_seed(seed: Any, stochastic: frozenset[str]) -> Any:
+    """The stochastic rounding's seed: ``seed`` itself, unless it is a PRNG key.
+
+    A key seeds the estimator's sampling only; where a form rounds stochastically
+    the rounding needs the integer seed that :func:`sophia.narrow.random_bits`
+    takes, so a key is refused then.
+    """
+    if not (_is_key(seed) or jnp.ndim(seed) != 0):
+        return seed
+    if stochastic:
+        forms = ", ".join(sorted(stochastic))
+        raise ValueError(
+            f"Invalid seed: a PRNG key ({seed!r}) with a stochastically rounded state form "
+            f"({forms}) (allowed: an integer in [0, 2**32), which seeds both the rounding "
+            "and the estimator's sampling)"
+        )
+    return 0  # unused: no form rounds stochastically
+
+
+def _check_real_forms(params: optax.Params, **forms: str | None) -> None:
+    """The stochastic forms are for real parameters: a complex one takes None or 'float32'."""
+    for name, form in forms.items():
+        if form not in _STOCHASTIC:
+            continue
+        for p in jax.tree.leaves(params):
+            if is_complex(p):
+                raise ValueError(
+                    f"Invalid {name}: {form} for a {p.dtype} parameter (allowed: None or "
+                    "'float32' for complex parameters)"
+                )
 
 
 def update_hessian(opt_state: optax.OptState, h_hat: Any, *, label_count: Any = None) -> Any:
