@@ -14,6 +14,14 @@ through a framework-neutral :class:`Checkpoint` of NumPy arrays:
   version, hyperparameters, parameter names) that either side reads with
   NumPy and ``safetensors`` only.
 
+The narrow state (``mu_dtype``, ``hessian_dtype``, ``seed``; :mod:`sophia.narrow`)
+crosses as it is stored, bit for bit: bfloat16 or float32 arrays, and a
+``"block8"`` Hessian EMA as int8 codes with float32 scales (torch ``hessian`` and
+``hessian_scale``, JAX :class:`sophia.narrow.Block8` leaves). Loading into a
+target whose forms differ is a ``ValueError`` naming both, unless
+``convert_forms=True`` asks for the values to be decoded and re-encoded
+(:mod:`sophia.interop.forms` says with which random bits).
+
 ``import sophia.interop`` imports neither framework; each function imports the
 one it needs when it is first used. Example (PyTorch to JAX)::
 
@@ -29,19 +37,20 @@ import importlib
 from typing import Any
 
 from sophia.interop.checkpoint import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     HYPERPARAM_KEYS,
+    NARROW_KEYS,
+    RECORDED_KEYS,
     Checkpoint,
     GroupState,
-    load,
-    save,
 )
+from sophia.interop.checkpoint_file import FORMAT_NAME, FORMAT_VERSION, load, save
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "HYPERPARAM_KEYS",
+    "NARROW_KEYS",
+    "RECORDED_KEYS",
     "Checkpoint",
     "GroupState",
     "from_jax",
@@ -62,7 +71,7 @@ _LAZY = {
     "torch_param_names": "sophia.interop.torch_state",
     "from_jax": "sophia.interop.jax_state",
     "to_jax": "sophia.interop.jax_state",
-    "jax_param_names": "sophia.interop.jax_state",
+    "jax_param_names": "sophia.interop.jax_tree",
 }
 
 

@@ -1,58 +1,41 @@
-"""The framework-neutral SophiaG optimizer state and its safetensors file format.
+"""The framework-neutral SophiaG optimizer state: groups of NumPy arrays, checked whole.
 
-NumPy only (``safetensors`` is imported by :func:`save` and :func:`load`).
-
-File layout (format version 1). Tensors, for every parameter ``name`` and
-param group ``i``:
-
-* ``mu/<name>``, ``hessian/<name>``: momentum and Hessian EMA, in their storage
-  dtype (bfloat16 as its uint16 bit pattern, since NumPy has no bfloat16);
-* ``group<i>/rho``, ``group<i>/win_rate``: 0-d, the group's scalar dtype;
-* ``group<i>/step``: 0-d int64;
-* ``group<i>/key``: optional, the raw ``uint32`` data of a JAX PRNG key;
-* ``group<i>/label_count``: optional, 0-d int64, the label count of the latest
-  GNB refresh (the ``bs`` that ``bs=None`` follows).
-
-The safetensors metadata holds ``format`` (:data:`FORMAT_NAME`),
-``format_version`` (:data:`FORMAT_VERSION`) and ``sophia``: JSON with, per
-group, the parameter names, the hyperparameters, the logical dtypes of the
-arrays and the PRNG key implementation. :func:`load` checks all of it before
-returning anything.
+NumPy only. Its file format is :mod:`sophia.interop.checkpoint_file`; how the
+narrow state's forms are stored and converted is :mod:`sophia.interop.forms`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
+import numbers
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import numpy as np
 
-from sophia import spec
+from sophia import narrow, spec
+from sophia.interop import forms
 
 __all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
     "HYPERPARAM_KEYS",
+    "NARROW_KEYS",
+    "RECORDED_KEYS",
     "Checkpoint",
     "GroupState",
-    "load",
-    "save",
 ]
 
-#: The ``format`` entry of the file's metadata.
-FORMAT_NAME = "sophiag-optimizer-state"
-#: The version this module writes and the only one it reads.
-FORMAT_VERSION = 1
-#: Hyperparameters a checkpoint can record per group (any may be missing, e.g.
-#: ``lr`` when JAX used a schedule). ``rho`` is the configured value (the
-#: centre of the dynamic range); the current one is :attr:`GroupState.rho`.
+#: The numeric and boolean hyperparameters a checkpoint can record per group (any
+#: may be missing, e.g. ``lr`` when JAX used a schedule). ``rho`` is the
+#: configured value (the centre of the dynamic range); the current one is
+#: :attr:`GroupState.rho`.
 HYPERPARAM_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
+#: The narrow state's configuration (:mod:`sophia.narrow`): the forms (a canonical
+#: name or ``None``, the parameter's dtype) and the rounding seed.
+NARROW_KEYS = ("mu_dtype", "hessian_dtype", "seed")
+#: Everything a group's ``hyperparams`` may hold.
+RECORDED_KEYS = HYPERPARAM_KEYS + NARROW_KEYS
 
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SCALAR_DTYPES = ("float32", "float64")
 
 
@@ -86,6 +69,18 @@ def _expected_storage(dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
+def _check_array(x: Any, dt: Any, kind: str, where: str) -> None:
+    """Raises unless ``x`` holds a ``kind`` array stored as ``dt``."""
+    allowed = forms.MU_STORAGE if kind == "mu" else forms.HESSIAN_STORAGE
+    if dt not in allowed:
+        fail(f"{where} has dtype {dt!r} (allowed: {allowed})")
+    if dt == narrow.BLOCK8:
+        forms.check_block8(x, where)
+    elif not isinstance(x, np.ndarray) or x.dtype != _expected_storage(dt):
+        got = getattr(x, "dtype", type(x).__name__)
+        fail(f"{where} is declared {dt} but holds {got} (expected {_expected_storage(dt)})")
+
+
 @dataclasses.dataclass
 class GroupState:
     """State of one torch param group, i.e. of one JAX ``ScaleBySophiaState``.
@@ -96,12 +91,16 @@ class GroupState:
       rho: current rho, a 0-d float32/float64 array (the group's scalar dtype).
       win_rate: fraction of coordinates with ``r < 1`` in the last step, 0-d,
         same dtype as ``rho`` (NaN where unknown).
-      mu: momentum per name (torch ``exp_avg``, JAX ``mu``).
-      hessian: Hessian EMA per name.
-      dtypes: logical dtype per array, keyed ``"mu/<name>"`` and
-        ``"hessian/<name>"`` (``"bfloat16"`` arrays are held as uint16 bits).
+      mu: momentum per name (torch ``exp_avg``, JAX ``mu``), as stored.
+      hessian: Hessian EMA per name, as stored: an array, or for the
+        ``"block8"`` form a :class:`sophia.narrow.Block8` of NumPy arrays (torch
+        ``hessian`` and ``hessian_scale``).
+      dtypes: how each array is stored, keyed ``"mu/<name>"`` and
+        ``"hessian/<name>"``: a dtype name (``"bfloat16"`` arrays are held as
+        uint16 bits) or ``"block8"``.
       hyperparams: the recorded hyperparameters (keys from
-        :data:`HYPERPARAM_KEYS`; missing keys are unknown).
+        :data:`RECORDED_KEYS`; missing keys are unknown), the narrow state's
+        forms and seed among them.
       key: raw ``uint32`` data of the JAX PRNG key of the built-in estimator,
         or ``None`` (a torch state has none).
       key_impl: the JAX PRNG implementation name of a typed key, or ``None``
@@ -135,7 +134,7 @@ class GroupState:
           name: a parameter name of this group.
 
         Returns:
-          The array.
+          The array (a :class:`sophia.narrow.Block8` for the ``"block8"`` form).
         """
         x = getattr(self, kind)[name]
         if self.dtypes[f"{kind}/{name}"] == "bfloat16":
@@ -199,45 +198,24 @@ class Checkpoint:
                 if not isinstance(arrays, Mapping) or set(arrays) != set(g.names):
                     got = sorted(arrays) if isinstance(arrays, Mapping) else arrays
                     fail(f"{where}: {kind} must have exactly the names {g.names}, got {got}")
+            _validate_hyperparams(g.hyperparams, where)
             wide = False
             for n in g.names:
                 shapes = []
                 for kind in ("mu", "hessian"):
-                    x = getattr(g, kind)[n]
                     dt = g.dtypes.get(f"{kind}/{n}")
-                    if dt not in _DTYPES:
-                        fail(f"{where}: {kind} of {n!r} has dtype {dt!r} (allowed: {_DTYPES})")
-                    if not isinstance(x, np.ndarray) or x.dtype != _expected_storage(dt):
-                        got = getattr(x, "dtype", type(x).__name__)
-                        fail(
-                            f"{where}: {kind} of {n!r} is declared {dt} but holds {got} "
-                            f"(expected {_expected_storage(dt)})"
-                        )
-                    shapes.append(x.shape)
+                    _check_array(getattr(g, kind)[n], dt, kind, f"{where}: {kind} of {n!r}")
+                    shapes.append(forms.array_shape(getattr(g, kind)[n]))
+                    wide |= dt == "float64"
                 if shapes[0] != shapes[1]:
                     fail(
                         f"{where}: mu of {n!r} has shape {shapes[0]} but its hessian has "
                         f"shape {shapes[1]}"
                     )
-                wide |= g.dtypes[f"hessian/{n}"] == "float64"
             extra = set(g.dtypes) - {f"{k}/{n}" for k in ("mu", "hessian") for n in g.names}
             if extra:
                 fail(f"{where}: dtypes for unknown arrays {sorted(extra)}")
-            want_sd = "float64" if wide else "float32"
-            for field in ("rho", "win_rate"):
-                x = getattr(g, field)
-                if not isinstance(x, np.ndarray) or x.shape != () or str(x.dtype) != want_sd:
-                    got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
-                    fail(
-                        f"{where}: {field} must be a 0-d {want_sd} array (the scalar dtype of "
-                        f"the group's parameters), got {got}"
-                    )
-            if not float(g.rho) > 0 or math.isinf(float(g.rho)):
-                fail(f"{where}: rho must be a number in (0, inf), got {float(g.rho)!r}")
-            wr = float(g.win_rate)
-            if not (math.isnan(wr) or 0.0 <= wr <= 1.0):
-                fail(f"{where}: win_rate must be in [0, 1] (or NaN), got {wr!r}")
-            _validate_hyperparams(g.hyperparams, where)
+            _check_scalars(g, wide, where)
             if g.key is not None:
                 if not isinstance(g.key, np.ndarray) or g.key.dtype != np.uint32:
                     fail(f"{where}: key must be a uint32 array of raw PRNG key data")
@@ -250,15 +228,48 @@ class Checkpoint:
                 fail(f"{where}: label_count must be an integer >= 1 or None, got {lc!r}")
 
 
+def _check_scalars(g: GroupState, wide: bool, where: str) -> None:
+    """Checks ``rho`` and ``win_rate``: 0-d arrays of the group's scalar dtype, in range.
+
+    float64 where a state array is; float32 where both forms are recorded as
+    ``None`` (arrays in the parameters' dtype) and none is float64. Otherwise
+    (narrow forms can hide a float64 parameter) either; the loaders check it
+    against the target's parameters.
+    """
+    in_param_dtype = all(g.hyperparams.get(k, "") is None for k in forms.FORM_KEYS.values())
+    allowed = ("float64",) if wide else ("float32",) if in_param_dtype else _SCALAR_DTYPES
+    want = " or ".join(allowed)
+    for field in ("rho", "win_rate"):
+        x = getattr(g, field)
+        ok = isinstance(x, np.ndarray) and x.shape == () and str(x.dtype) in allowed
+        if not ok or x.dtype != np.asarray(g.rho).dtype:
+            got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
+            fail(
+                f"{where}: {field} must be a 0-d {want} array (the scalar dtype of "
+                f"the group's parameters), got {got}"
+            )
+    if not float(g.rho) > 0 or math.isinf(float(g.rho)):
+        fail(f"{where}: rho must be a number in (0, inf), got {float(g.rho)!r}")
+    wr = float(g.win_rate)
+    if not (math.isnan(wr) or 0.0 <= wr <= 1.0):
+        fail(f"{where}: win_rate must be in [0, 1] (or NaN), got {wr!r}")
+
+
 def _validate_hyperparams(hp: Any, where: str) -> None:
     if not isinstance(hp, Mapping):
         fail(f"{where}: hyperparams must be a mapping, got {type(hp).__name__}")
-    unknown = set(hp) - set(HYPERPARAM_KEYS)
+    unknown = set(hp) - set(RECORDED_KEYS)
     if unknown:
-        fail(f"{where}: unknown hyperparameters {sorted(unknown)} (allowed: {HYPERPARAM_KEYS})")
+        fail(f"{where}: unknown hyperparameters {sorted(unknown)} (allowed: {RECORDED_KEYS})")
     kw: dict[str, Any] = {}
     for k, v in hp.items():
-        if k in ("maximize", "dynamic"):
+        if k in forms.FORM_KEYS.values():
+            if v is not None and not isinstance(v, str):
+                fail(f"{where}: hyperparameter {k} must be a form's name or None, got {v!r}")
+        elif k == "seed":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                fail(f"{where}: hyperparameter seed must be an integer, got {v!r}")
+        elif k in ("maximize", "dynamic"):
             if not isinstance(v, bool):
                 fail(f"{where}: hyperparameter {k} must be true or false, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -279,7 +290,9 @@ def hyperparam_mismatches(
 
     Numbers are compared after rounding to ``scalar_dtype``, the dtype the update
     uses them in (see :mod:`sophia.spec`): a float32 group reads ``0.99`` and
-    ``float32(0.99)`` alike.
+    ``float32(0.99)`` alike. The seed is compared exactly; the forms are not
+    compared here but by :func:`sophia.interop.forms.plan`, whose remedy differs
+    (``convert_forms=True``).
 
     Args:
       recorded: the checkpoint's hyperparameters.
@@ -291,11 +304,12 @@ def hyperparam_mismatches(
     """
     c = np.dtype(scalar_dtype).type
     out = []
-    for k in HYPERPARAM_KEYS:
+    for k in (*HYPERPARAM_KEYS, "seed"):
         if k not in recorded or k not in actual:
             continue
         a, b = recorded[k], actual[k]
-        same = a == b if isinstance(a, bool) or isinstance(b, bool) else c(a) == c(b)
+        exact = k == "seed" or isinstance(a, bool) or isinstance(b, bool)
+        same = a == b if exact else c(a) == c(b)
         if not same:
             out.append((k, a, b))
     return out
@@ -317,139 +331,3 @@ def mismatch_error(where: str, diffs: list[tuple[str, Any, Any]]) -> ValueError:
         "not continue. Build the optimizer with the checkpoint's values, or pass "
         "check_hyperparams=False to change them on purpose"
     )
-
-
-# ---------------------------------------------------------------------------- file format
-
-
-def save(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
-    """Writes ``checkpoint`` as a safetensors file (see the module docstring).
-
-    Args:
-      path: file to write.
-      checkpoint: a valid :class:`Checkpoint` (checked first).
-    """
-    from safetensors.numpy import save_file
-
-    checkpoint.validate()
-    tensors: dict[str, np.ndarray] = {}
-    groups = []
-    for gi, g in enumerate(checkpoint.groups):
-        for n in g.names:
-            tensors[f"mu/{n}"] = np.array(g.mu[n], order="C")  # 0-d stays 0-d
-            tensors[f"hessian/{n}"] = np.array(g.hessian[n], order="C")
-        tensors[f"group{gi}/rho"] = np.asarray(g.rho)
-        tensors[f"group{gi}/win_rate"] = np.asarray(g.win_rate)
-        tensors[f"group{gi}/step"] = np.asarray(int(g.step), np.int64)
-        if g.key is not None:
-            tensors[f"group{gi}/key"] = np.array(g.key, order="C")
-        if g.label_count is not None:
-            tensors[f"group{gi}/label_count"] = np.asarray(int(g.label_count), np.int64)
-        groups.append(
-            {
-                "names": list(g.names),
-                "hyperparams": dict(g.hyperparams),
-                "dtypes": dict(g.dtypes),
-                "has_key": g.key is not None,
-                "key_impl": g.key_impl,
-            }
-        )
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "sophia": json.dumps({"groups": groups}),
-    }
-    save_file(tensors, os.fspath(path), metadata=metadata)
-
-
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Reads a file written by :func:`save`, checking everything first.
-
-    Needs NumPy and ``safetensors`` only.
-
-    Args:
-      path: file to read.
-
-    Returns:
-      The :class:`Checkpoint`.
-
-    Raises:
-      ValueError: not a SophiaG state file, another format version, or any key,
-        shape or dtype that does not fit the header.
-    """
-    from safetensors import safe_open
-
-    where = f"sophia checkpoint {os.fspath(path)!r}"
-    try:
-        with safe_open(os.fspath(path), framework="np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{where}: not a readable safetensors file ({e})") from None
-    except Exception as e:  # noqa: BLE001 - safetensors' own error types vary across versions
-        raise ValueError(f"{where}: not a readable safetensors file ({e})") from None
-    if metadata.get("format") != FORMAT_NAME:
-        fail(f"{where}: not a SophiaG optimizer state (format {metadata.get('format')!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        fail(
-            f"{where}: format version {metadata.get('format_version')!r} is not supported "
-            f"(this sophia reads version {FORMAT_VERSION})"
-        )
-    try:
-        header = json.loads(metadata.get("sophia", ""))
-        raw_groups = header["groups"]
-        if not isinstance(raw_groups, list):
-            raise TypeError("groups is not a list")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{where}: malformed 'sophia' header ({e})") from None
-    expected: set[str] = set()
-    groups = []
-    for gi, rg in enumerate(raw_groups):
-        if not isinstance(rg, dict) or not {"names", "hyperparams", "dtypes"} <= set(rg):
-            fail(f"{where}: header of group {gi} lacks names/hyperparams/dtypes")
-        names = rg["names"]
-        if not isinstance(names, list) or not isinstance(rg["dtypes"], dict):
-            fail(f"{where}: header of group {gi} is malformed")
-        keys = [f"{k}/{n}" for n in names for k in ("mu", "hessian")]
-        keys += [f"group{gi}/{k}" for k in ("rho", "win_rate", "step")]
-        if rg.get("has_key"):
-            keys.append(f"group{gi}/key")
-        if f"group{gi}/label_count" in tensors:
-            keys.append(f"group{gi}/label_count")
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            fail(f"{where}: missing tensors {missing}")
-        expected.update(keys)
-        step = tensors[f"group{gi}/step"]
-        if step.dtype != np.int64 or step.shape != ():
-            fail(f"{where}: group{gi}/step must be a 0-d int64, got {step.dtype} {step.shape}")
-        count = tensors.get(f"group{gi}/label_count")
-        if count is not None and (count.dtype != np.int64 or count.shape != ()):
-            fail(
-                f"{where}: group{gi}/label_count must be a 0-d int64, got {count.dtype} "
-                f"{count.shape}"
-            )
-        groups.append(
-            GroupState(
-                names=list(names),
-                step=int(step),
-                rho=tensors[f"group{gi}/rho"],
-                win_rate=tensors[f"group{gi}/win_rate"],
-                mu={n: tensors[f"mu/{n}"] for n in names},
-                hessian={n: tensors[f"hessian/{n}"] for n in names},
-                dtypes=dict(rg["dtypes"]),
-                hyperparams=dict(rg["hyperparams"]),
-                key=tensors.get(f"group{gi}/key") if rg.get("has_key") else None,
-                key_impl=rg.get("key_impl"),
-                label_count=None if count is None else int(count),
-            )
-        )
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        fail(f"{where}: unexpected tensors {extra}")
-    ckpt = Checkpoint(groups)
-    try:
-        ckpt.validate()
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    return ckpt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sophia import spec
+from sophia import narrow, spec
+from sophia.interop import forms
 from sophia.interop.checkpoint import (
-    HYPERPARAM_KEYS,
+    RECORDED_KEYS,
     Checkpoint,
     GroupState,
     fail,
@@ -21,115 +22,25 @@ from sophia.interop.checkpoint import (
     mismatch_error,
     storage_array,
 )
+from sophia.interop.jax_tree import (
+    Names,
+    group_leaves,
+    is_leaf,
+    is_masked,
+    jax_param_names,
+    sophia_states,
+    walk,
+)
+from sophia.jax import narrow as jnarrow
 from sophia.jax.real_pairs import sq_norm
 from sophia.jax.state import ScaleBySophiaState
 
-__all__ = ["from_jax", "jax_param_names", "to_jax"]
+__all__ = ["from_jax", "to_jax"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INT32_MAX = 2**31 - 1
 
-Names = Sequence[str] | Callable[[tuple[Any, ...]], str] | None
 HyperParams = spec.SophiaHyperParams | Mapping[str, Any] | None
-
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def jax_param_names(params: optax.Params, names: Names = None) -> list[str]:
-    """One name per leaf of ``params`` (in ``jax.tree.leaves`` order).
-
-    Args:
-      params: the parameter pytree.
-      names: ``None``: the leaf's path, its dict keys, sequence indices and
-        attribute names joined by ``"."`` (``{"fc1": {"weight": w}}`` gives
-        ``"fc1.weight"``, as ``named_parameters()`` does; a flat dict keyed by
-        torch names gives those names); a function of the path
-        (``jax.tree_util`` keys) returning the name; or a list of names.
-
-    Returns:
-      The names.
-    """
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if names is None:
-        out = [".".join(_key_name(k) for k in p) for p in paths]
-    elif callable(names):
-        out = [names(p) for p in paths]
-    else:
-        if isinstance(names, str):
-            fail("sophia.interop: names must be a list of strings, not a string")
-        out = list(names)
-        if len(out) != len(paths):
-            fail(f"sophia.interop: got {len(out)} names for {len(paths)} parameter leaves")
-    if not all(isinstance(n, str) and n for n in out):
-        fail("sophia.interop: parameter names must be non-empty strings")
-    if len(set(out)) != len(out):
-        dup = sorted({n for n in out if out.count(n) > 1})
-        fail(f"sophia.interop: parameter names are not unique: {dup}")
-    return out
-
-
-# ------------------------------------------------------------------------ state traversal
-
-
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode) or x is None
-
-
-def _walk(node: Any, on_state: Callable[[Any], Any], on_count: Callable[[Any, Any], Any]) -> Any:
-    """Rebuilds ``node`` with ``on_state`` applied to every ``ScaleBySophiaState``.
-
-    ``on_count(node, new_sophia_state)`` is applied to step counters that run
-    alongside a Sophia state: an ``optax.ScaleByScheduleState`` in the same chain
-    (a learning-rate schedule) and the ``count`` of an
-    ``optax.inject_hyperparams`` state wrapping one.
-    """
-    if isinstance(node, ScaleBySophiaState):
-        return on_state(node)
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-        new = type(node)(*(_walk(c, on_state, on_count) for c in node))
-        if "count" in node._fields and "inner_state" in node._fields:
-            inner = [s for s in _states(new.inner_state)]
-            if inner:
-                new = on_count(new, inner[0])
-        return new
-    if isinstance(node, (tuple, list)):
-        children = [_walk(c, on_state, on_count) for c in node]
-        direct = [c for c in children if isinstance(c, ScaleBySophiaState)]
-        if direct:
-            children = [
-                on_count(c, direct[0]) if isinstance(c, optax.ScaleByScheduleState) else c
-                for c in children
-            ]
-        return type(node)(children)
-    if isinstance(node, dict):
-        return {k: _walk(v, on_state, on_count) for k, v in node.items()}
-    return node
-
-
-def _states(tree: Any) -> list[ScaleBySophiaState]:
-    found: list[ScaleBySophiaState] = []
-
-    def visit(s: ScaleBySophiaState) -> ScaleBySophiaState:
-        found.append(s)
-        return s
-
-    _walk(tree, visit, lambda n, s: n)
-    return found
-
-
-def _group_leaves(state: ScaleBySophiaState, names: list[str], field: str) -> list[tuple]:
-    leaves, _ = jax.tree.flatten(getattr(state, field), is_leaf=_is_masked)
-    if len(leaves) != len(names):
-        fail(
-            f"sophia.interop: the state's {field} has {len(leaves)} leaves but the parameters "
-            f"have {len(names)}; pass the parameter pytree the state was made for"
-        )
-    return [(n, x) for n, x in zip(names, leaves) if not _is_masked(x)]
 
 
 def _hp_dict(hp: HyperParams) -> dict[str, Any] | None:
@@ -147,12 +58,25 @@ def _hp_dict(hp: HyperParams) -> dict[str, Any] | None:
             d["b1"], d["b2"] = d.pop("betas")
         if "learning_rate" in d:
             d["lr"] = d.pop("learning_rate")
-        unknown = set(d) - set(HYPERPARAM_KEYS)
+        unknown = set(d) - set(RECORDED_KEYS)
         if unknown:
             fail(f"sophia.interop: unknown hyperparameters {sorted(unknown)}")
-        return {k: (bool(v) if k in ("maximize", "dynamic") else float(v)) for k, v in d.items()}
+        return {k: _hp_value(k, v) for k, v in d.items()}
     fail(f"sophia.interop: hyperparams must be a SophiaHyperParams or a dict, got {hp!r}")
     return None
+
+
+def _hp_value(key: str, value: Any) -> Any:
+    """A given hyperparameter as a checkpoint records it (forms by their canonical names)."""
+    if key in ("maximize", "dynamic"):
+        return bool(value)
+    if key == "mu_dtype":
+        return narrow.state_dtype_name(key, value, narrow.MU_DTYPES)
+    if key == "hessian_dtype":
+        return narrow.state_dtype_name(key, value, narrow.HESSIAN_DTYPES)
+    if key == "seed":
+        return int(value)
+    return float(value)
 
 
 def _template_hp(s: ScaleBySophiaState) -> dict[str, Any]:
@@ -164,14 +88,19 @@ def _template_hp(s: ScaleBySophiaState) -> dict[str, Any]:
     return {"rho": float(s.rho)} if int(s.count) == 0 else {}
 
 
-def _to_numpy(x: jax.Array, what: str) -> tuple[np.ndarray, str]:
+def _to_numpy(x: Any, what: str) -> tuple[Any, str]:
+    if isinstance(x, narrow.Block8):
+        codes, scale = np.array(x.codes, copy=True), np.array(x.scale, copy=True)
+        return narrow.Block8(codes, scale), narrow.BLOCK8
     name = jnp.dtype(x.dtype).name
     if name not in _DTYPES:
         fail(f"sophia.interop: {what} has dtype {name} (allowed: {_DTYPES})")
     return storage_array(np.array(x, copy=True), name), name
 
 
-def _from_numpy(x: np.ndarray, dtype: str) -> jax.Array:
+def _from_numpy(x: Any, dtype: str) -> Any:
+    if isinstance(x, narrow.Block8):
+        return narrow.Block8(jnp.asarray(x.codes), jnp.asarray(x.scale))
     if dtype == "bfloat16":
         return jnp.asarray(x.view(jnp.bfloat16))
     return jnp.asarray(x)
@@ -220,7 +149,7 @@ def from_jax(
       The checkpoint (NumPy copies).
     """
     names = jax_param_names(params, names)
-    states = _states(opt_state)
+    states = sophia_states(opt_state)
     if not states:
         fail(
             "sophia.interop: opt_state holds no ScaleBySophiaState; pass the state of "
@@ -230,10 +159,10 @@ def from_jax(
     groups = []
     for s, hp in zip(states, hps):
         mu, hess, dtypes = {}, {}, {}
-        mu_leaves = _group_leaves(s, names, "mu")
+        mu_leaves = group_leaves(s, names, "mu")
         for n, x in mu_leaves:
             mu[n], dtypes[f"mu/{n}"] = _to_numpy(x, f"mu of {n!r}")
-        for n, x in _group_leaves(s, names, "hessian"):
+        for n, x in group_leaves(s, names, "hessian"):
             hess[n], dtypes[f"hessian/{n}"] = _to_numpy(x, f"hessian of {n!r}")
         key, impl = s.key, None
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -260,6 +189,60 @@ def from_jax(
     return ckpt
 
 
+def _target_form(given: dict[str, Any] | None, kind: str, storage: str, param_dtype: str) -> Any:
+    """The template's form of ``kind``: as ``hyperparams=`` gives it, or as its storage tells.
+
+    The storage tells all but one case: an array in the parameter's dtype may be
+    ``None`` or the narrow form of that dtype (``"bfloat16"`` of a bfloat16
+    parameter); read as ``None`` (round to nearest) unless ``hyperparams=`` says.
+    """
+    form = forms.recorded_form(given, kind)
+    if form is not forms.NOT_RECORDED:
+        return form
+    return None if storage == param_dtype else storage
+
+
+def _plan_arrays(
+    cg: GroupState,
+    s: ScaleBySophiaState,
+    names: list[str],
+    param_dtypes: dict[str, str],
+    given: dict[str, Any] | None,
+    convert: bool,
+    si: int,
+) -> dict[tuple[str, str], Any]:
+    """Each array of Sophia state ``si`` as the template stores it; raises before any change."""
+    out = {}
+    for kind in ("mu", "hessian"):
+        for n, x in group_leaves(s, names, kind):
+            y, dt = getattr(cg, kind)[n], cg.dtypes[f"{kind}/{n}"]
+            shape = forms.array_shape(x)
+            if forms.array_shape(y) != shape:
+                fail(
+                    f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
+                    f"{forms.array_shape(y)} but the state's has shape {shape}"
+                )
+            storage = narrow.BLOCK8 if isinstance(x, narrow.Block8) else jnp.dtype(x.dtype).name
+            param_dtype = param_dtypes[n]
+            if param_dtype not in _DTYPES:
+                fail(f"sophia.interop: parameter {n!r} is {param_dtype} (allowed: {_DTYPES})")
+            form = _target_form(given, kind, storage, param_dtype)
+            if forms.storage_of(form, param_dtype) != storage:
+                fail(
+                    f"sophia.interop: hyperparams give {forms.FORM_KEYS[kind]}={form!r}, but "
+                    f"Sophia state {si} stores the {kind} of {n!r} as {storage}"
+                )
+            stored = (dt, forms.recorded_form(cg.hyperparams, kind))
+            says = f"the state's is {storage}"
+            how = forms.plan("sophia.interop", kind, n, stored, (storage, form), convert, says)
+            if how == "convert":
+                seed = (given or {}).get("seed", 0)
+                y = forms.convert(y, dt, form, param_dtype, seed=seed, step=cg.step, kind=kind)
+                dt = storage
+            out[(kind, n)] = (y, dt)
+    return out
+
+
 def to_jax(
     checkpoint: Checkpoint,
     template: optax.OptState,
@@ -268,6 +251,7 @@ def to_jax(
     names: Names = None,
     hyperparams: HyperParams | Sequence[HyperParams] = None,
     check_hyperparams: bool = True,
+    convert_forms: bool = False,
 ) -> optax.OptState:
     """The optimizer state that continues from ``checkpoint``, shaped like ``template``.
 
@@ -291,20 +275,26 @@ def to_jax(
         :func:`from_jax`, or one per Sophia state), to check against the
         checkpoint's; the template itself knows only its configured ``rho``.
       check_hyperparams: raise if a hyperparameter known on both sides differs.
+      convert_forms: where the checkpoint's narrow forms differ from the
+        template's, decode the arrays and re-encode them in the template's forms
+        (:mod:`sophia.interop.forms`; the stochastic forms with ``seed`` from
+        ``hyperparams``, 0 where it gives none) instead of raising.
 
     Returns:
       The new optimizer state.
     """
     checkpoint.validate()
     names = jax_param_names(params, names)
-    states = _states(template)
+    states = sophia_states(template)
     if not states:
         fail("sophia.interop: the template holds no ScaleBySophiaState (pass tx.init(params))")
     targets = _per_state(hyperparams, len(states))
+    param_dtypes = dict(zip(names, (jnp.dtype(x.dtype).name for x in jax.tree.leaves(params))))
     claimed: set[str] = set()
     plans: dict[int, GroupState] = {}
+    arrays: dict[int, dict[tuple[str, str], Any]] = {}
     for si, s in enumerate(states):
-        g_names = [n for n, _ in _group_leaves(s, names, "mu")]
+        g_names = [n for n, _ in group_leaves(s, names, "mu")]
         matches = [c for c in checkpoint.groups if set(c.names) == set(g_names)]
         if len(matches) != 1:
             fail(
@@ -327,19 +317,7 @@ def to_jax(
             diffs = hyperparam_mismatches(cg.hyperparams, known, sd)
             if diffs:
                 raise mismatch_error(f"sophia.interop: Sophia state {si}", diffs)
-        for field, kind in (("mu", "mu"), ("hessian", "hessian")):
-            for n, x in _group_leaves(s, names, field):
-                y, dt = getattr(cg, kind)[n], cg.dtypes[f"{kind}/{n}"]
-                if tuple(y.shape) != tuple(x.shape):
-                    fail(
-                        f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
-                        f"{tuple(y.shape)} but the state's has shape {tuple(x.shape)}"
-                    )
-                if dt != jnp.dtype(x.dtype).name:
-                    fail(
-                        f"sophia.interop: the checkpoint's {kind} of {n!r} is {dt} but the "
-                        f"state's is {jnp.dtype(x.dtype).name}"
-                    )
+        arrays[si] = _plan_arrays(cg, s, names, param_dtypes, targets[si], convert_forms, si)
         if cg.key is not None:
             typed = jnp.issubdtype(s.key.dtype, jax.dtypes.prng_key)
             want = jax.random.key_data(s.key).shape if typed else s.key.shape
@@ -357,20 +335,24 @@ def to_jax(
     counter = iter(range(len(states)))
 
     def fill(s: ScaleBySophiaState) -> ScaleBySophiaState:
-        cg = plans[next(counter)]
+        si = next(counter)
+        cg, planned = plans[si], arrays[si]
         sd = s.rho.dtype
 
         def tree(field: str) -> Any:
-            leaves, treedef = jax.tree.flatten(getattr(s, field), is_leaf=_is_masked)
+            leaves, treedef = jax.tree.flatten(getattr(s, field), is_leaf=is_leaf)
             out = []
             for n, x in zip(names, leaves):
-                if _is_masked(x):
-                    out.append(x)
-                else:
-                    out.append(_from_numpy(getattr(cg, field)[n], cg.dtypes[f"{field}/{n}"]))
+                out.append(x if is_masked(x) else _from_numpy(*planned[(field, n)]))
             return jax.tree.unflatten(treedef, out)
 
         mu, hessian = tree("mu"), tree("hessian")
+        # the norm of the values h holds, as the refresh computes it
+        values = jax.tree.map(
+            lambda h: jnarrow.decode_block8(h) if jnarrow.is_block8(h) else h,
+            hessian,
+            is_leaf=is_leaf,
+        )
         key = s.key
         if cg.key is not None:
             data = jnp.asarray(cg.key)
@@ -385,11 +367,11 @@ def to_jax(
             key=key,
             rho=jnp.asarray(cg.rho, sd),
             win_rate=jnp.asarray(cg.win_rate, sd),
-            hessian_norm=jnp.sqrt(sq_norm(hessian, sd)),
+            hessian_norm=jnp.sqrt(sq_norm(values, sd)),
             momentum_norm=jnp.sqrt(sq_norm(mu, sd)),
         )
 
     def set_count(node: Any, s: ScaleBySophiaState) -> Any:
         return node._replace(count=jnp.asarray(s.count, jnp.asarray(node.count).dtype))
 
-    return _walk(template, fill, set_count)
+    return walk(template, fill, set_count)

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sophia import narrow
+from sophia.interop import forms
 from sophia.interop.checkpoint import (
     Checkpoint,
     GroupState,
@@ -20,6 +22,9 @@ from sophia.torch._group_state import GROUP_LABEL_COUNT as _COUNT
 from sophia.torch._group_state import GROUP_RHO as _RHO
 from sophia.torch._group_state import GROUP_STEP as _STEP
 from sophia.torch._group_state import GROUP_WIN_RATE as _WIN
+from sophia.torch._narrow import storage_dtype
+from sophia.torch._narrow_state import HESSIAN_SCALE as _SCALE
+from sophia.torch._narrow_state import KEYS as _NARROW_DEFAULTS
 
 __all__ = ["from_torch", "to_torch", "torch_param_names", "torch_state_dict"]
 
@@ -45,7 +50,22 @@ def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, str]:
     return t.numpy().copy(), name
 
 
-def _to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
+def _stored_to_numpy(st: Mapping[str, Any], key: str, what: str) -> tuple[Any, str]:
+    """A state array as the checkpoint holds it: a block8 Hessian EMA as a Block8."""
+    if key == "hessian" and _SCALE in st:
+        codes, scale = st["hessian"].detach().cpu(), st[_SCALE].detach().cpu()
+        if codes.dtype != torch.int8 or scale.dtype != torch.float32:
+            fail(
+                f"sophia.interop: {what} is block8 but holds {codes.dtype} codes and "
+                f"{scale.dtype} scales (allowed: torch.int8 and torch.float32)"
+            )
+        return narrow.Block8(codes.contiguous().numpy().copy(), scale.numpy().copy()), "block8"
+    return _to_numpy(st[key], what)
+
+
+def _to_torch(x: Any, dtype: str) -> torch.Tensor:
+    if isinstance(x, narrow.Block8):
+        return torch.from_numpy(np.array(x.codes, copy=True))
     if dtype == "bfloat16":
         bits = torch.from_numpy(np.ascontiguousarray(x).view(np.int16).copy())
         return bits.view(torch.bfloat16).reshape(x.shape)
@@ -98,6 +118,17 @@ def _names_from_groups(groups: Sequence[Mapping[str, Any]], names: Any) -> list[
     return names
 
 
+def _forms(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The group's narrow state configuration; a group saved before it existed has the defaults."""
+    out = {k: group.get(k, v) for k, v in _NARROW_DEFAULTS.items()}
+    out["mu_dtype"] = narrow.state_dtype_name("mu_dtype", out["mu_dtype"], narrow.MU_DTYPES)
+    out["hessian_dtype"] = narrow.state_dtype_name(
+        "hessian_dtype", out["hessian_dtype"], narrow.HESSIAN_DTYPES
+    )
+    out["seed"] = int(out["seed"])
+    return out
+
+
 def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
     def num(x: Any) -> float:
         return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
@@ -115,7 +146,14 @@ def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
     }
     if group["bs"] is not None:  # None: the label count of the refresh, not a hyperparameter
         out["bs"] = num(group["bs"])
-    return out
+    return out | _forms(group)
+
+
+def _zeros(st: dict[str, Any], key: str, form: str | None, shape: tuple, dtype: Any) -> None:
+    """The zeros the optimizer creates for a parameter without state, in the group's form."""
+    st[key] = torch.zeros(shape, dtype=storage_dtype(form, dtype))
+    if key == "hessian" and form == narrow.BLOCK8:
+        st[_SCALE] = torch.zeros(narrow.block_count(math.prod(shape)), dtype=torch.float32)
 
 
 def from_torch(
@@ -123,7 +161,8 @@ def from_torch(
 ) -> Checkpoint:
     """A :class:`Checkpoint` of a ``sophia.torch.SophiaG`` optimizer or of its state dict.
 
-    Per parameter: ``exp_avg`` and ``hessian``; per group: the step counter,
+    Per parameter: ``exp_avg`` and ``hessian`` as stored (with ``hessian_scale``
+    for the ``"block8"`` form); per group: the step counter,
     the current ``rho``, the last win rate and the hyperparameters. A
     parameter without state (no step taken, no Hessian refresh) gets zeros,
     as the optimizer would create them (needs the optimizer, for the shape).
@@ -166,28 +205,31 @@ def from_torch(
         g_names, mu, hess, dtypes = [], {}, {}, {}
         per_param_steps = []
         wide = False
+        narrow_forms = _forms(group)
         for pid in group["params"]:
             n = names[k]
-            st = state.get(pid, {})
+            st = dict(state.get(pid, {}))
             for kind, key in (("mu", "exp_avg"), ("hessian", "hessian")):
-                t = st.get(key)
-                if t is None:
+                if st.get(key) is None:
                     if shapes is None:
                         fail(
                             f"{where}: parameter {n!r} has no {key!r}; pass the optimizer "
                             "(not its state dict) so its shape is known"
                         )
-                    t = torch.zeros(shapes[k][0], dtype=shapes[k][1])
-                arr, dt = _to_numpy(t, f"{key} of {n!r}")
+                    _zeros(st, key, narrow_forms[forms.FORM_KEYS[kind]], *shapes[k])
+                arr, dt = _stored_to_numpy(st, key, f"{key} of {n!r}")
                 (mu if kind == "mu" else hess)[n] = arr
                 dtypes[f"{kind}/{n}"] = dt
-            wide |= dtypes[f"hessian/{n}"] == "float64"
+                wide |= dt == "float64"
+            wide |= shapes is not None and shapes[k][1] == torch.float64
             if "step" in st:
                 per_param_steps.append(float(st["step"]))
             g_names.append(n)
             k += 1
-        sdt = np.float64 if wide else np.float32
         host = state.get(group["params"][0], {}) if group["params"] else {}
+        if _RHO in host:  # the group's own scalar dtype (narrow forms can hide a float64 one)
+            wide |= host[_RHO].dtype == torch.float64
+        sdt = np.float64 if wide else np.float32
         # the group tensors: in the first parameter's state, or (earlier layout) in the group
         gs = {k: host[k] for k in (_STEP, _RHO, _WIN) if k in host}
         if len(gs) < 3 and "sophia_state" in group:
@@ -222,25 +264,66 @@ def from_torch(
     return ckpt
 
 
+def _plan_arrays(
+    cg: GroupState, g_names: list[str], group: Mapping[str, Any], by_name: dict, convert: bool
+) -> dict[tuple[str, str], Any]:
+    """Each of the group's arrays as this optimizer stores it; raises before anything changes.
+
+    Arrays whose storage matches are carried as they are; the others are
+    converted (with ``convert``, see :mod:`sophia.interop.forms`) or refused.
+    """
+    target_forms = _forms(group)
+    out = {}
+    for n in g_names:
+        p = by_name[n]
+        param_dtype = _DTYPE_NAMES.get(p.dtype)
+        if param_dtype is None:
+            fail(f"sophia.interop: parameter {n!r} is {p.dtype} (allowed: {sorted(_TORCH_DTYPES)})")
+        for kind in ("mu", "hessian"):
+            x, dt = getattr(cg, kind)[n], cg.dtypes[f"{kind}/{n}"]
+            if forms.array_shape(x) != tuple(p.shape):
+                fail(
+                    f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
+                    f"{forms.array_shape(x)} but the parameter has shape {tuple(p.shape)}"
+                )
+            form = target_forms[forms.FORM_KEYS[kind]]
+            storage = forms.storage_of(form, param_dtype)
+            says = f"the parameter is {p.dtype} and this optimizer keeps its {kind} as {storage}"
+            stored = (dt, forms.recorded_form(cg.hyperparams, kind))
+            where = "sophia.interop"
+            how = forms.plan(where, kind, n, stored, (storage, form), convert, says)
+            if how == "convert":
+                seed = target_forms["seed"]
+                x = forms.convert(x, dt, form, param_dtype, seed=seed, step=cg.step, kind=kind)
+                dt = storage
+            out[(kind, n)] = (x, dt)
+    return out
+
+
 def torch_state_dict(
     checkpoint: Checkpoint,
     optimizer: torch.optim.Optimizer,
     names: Names = None,
     *,
     check_hyperparams: bool = True,
+    convert_forms: bool = False,
 ) -> dict[str, Any]:
     """The state dict that makes ``optimizer`` continue from ``checkpoint``.
 
-    Groups are matched by their sets of parameter names; every shape and dtype
-    is checked against the optimizer's parameters before anything is built.
-    The optimizer's hyperparameters stay in force (they are in the returned
-    dict); with ``check_hyperparams`` they must equal the recorded ones.
+    Groups are matched by their sets of parameter names; every shape and
+    storage dtype is checked against the optimizer's parameters and narrow
+    forms before anything is built. The optimizer's hyperparameters stay in
+    force (they are in the returned dict); with ``check_hyperparams`` they
+    must equal the recorded ones (the ``seed`` among them).
 
     Args:
       checkpoint: the state to load.
       optimizer: a ``sophia.torch.SophiaG`` over the matching parameters.
       names: parameter names, see :func:`torch_param_names`.
       check_hyperparams: raise if a recorded hyperparameter differs.
+      convert_forms: where the checkpoint's ``mu_dtype``/``hessian_dtype``
+        differ from the optimizer's, decode the arrays and re-encode them in the
+        optimizer's forms (:mod:`sophia.interop.forms`) instead of raising.
 
     Returns:
       A state dict for ``optimizer.load_state_dict``.
@@ -277,31 +360,20 @@ def torch_state_dict(
             diffs = hyperparam_mismatches(cg.hyperparams, _hyperparams(group), cg.scalar_dtype)
             if diffs:
                 raise mismatch_error(f"sophia.interop: param group {gi}", diffs)
-        for n in g_names:
-            p = by_name[n]
-            for kind in ("mu", "hessian"):
-                x = getattr(cg, kind)[n]
-                dt = cg.dtypes[f"{kind}/{n}"]
-                if tuple(x.shape) != tuple(p.shape):
-                    fail(
-                        f"sophia.interop: the checkpoint's {kind} of {n!r} has shape "
-                        f"{tuple(x.shape)} but the parameter has shape {tuple(p.shape)}"
-                    )
-                if _TORCH_DTYPES[dt] != p.dtype:
-                    fail(
-                        f"sophia.interop: the checkpoint's {kind} of {n!r} is {dt} but the "
-                        f"parameter is {p.dtype} (torch keeps exp_avg and hessian in the "
-                        "parameter's dtype)"
-                    )
+        arrays = _plan_arrays(cg, g_names, group, by_name, convert_forms)
         sdt = torch.float64 if cg.scalar_dtype == "float64" else torch.float32
         if any(p.dtype == torch.float64 for p in group["params"]) != (sdt == torch.float64):
             fail(f"sophia.interop: param group {gi}: scalar dtype {cg.scalar_dtype} mismatch")
         for n in g_names:
-            new_state[id_of[n]] = {
+            (mu, mu_dt), (h, h_dt) = arrays[("mu", n)], arrays[("hessian", n)]
+            st = {
                 "step": torch.tensor(float(cg.step), dtype=torch.float32),
-                "exp_avg": _to_torch(cg.mu[n], cg.dtypes[f"mu/{n}"]),
-                "hessian": _to_torch(cg.hessian[n], cg.dtypes[f"hessian/{n}"]),
+                "exp_avg": _to_torch(mu, mu_dt),
+                "hessian": _to_torch(h, h_dt),
             }
+            if isinstance(h, narrow.Block8):
+                st[_SCALE] = torch.from_numpy(np.array(h.scale, copy=True))
+            new_state[id_of[n]] = st
         if g_names:  # the group tensors live in the state of the group's first parameter
             host = new_state[id_of[g_names[0]]]
             host[_STEP] = torch.tensor(float(cg.step), dtype=torch.float32)
@@ -319,6 +391,7 @@ def to_torch(
     names: Names = None,
     *,
     check_hyperparams: bool = True,
+    convert_forms: bool = False,
 ) -> None:
     """Loads ``checkpoint`` into ``optimizer``, or raises ``ValueError`` and changes nothing.
 
@@ -329,6 +402,14 @@ def to_torch(
       names: parameter names, see :func:`torch_param_names`.
       check_hyperparams: raise if a recorded hyperparameter differs from the
         optimizer's.
+      convert_forms: re-encode arrays whose narrow form differs from the
+        optimizer's instead of raising (see :func:`torch_state_dict`).
     """
-    sd = torch_state_dict(checkpoint, optimizer, names, check_hyperparams=check_hyperparams)
+    sd = torch_state_dict(
+        checkpoint,
+        optimizer,
+        names,
+        check_hyperparams=check_hyperparams,
+        convert_forms=convert_forms,
+    )
     optimizer.load_state_dict(sd)

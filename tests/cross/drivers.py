@@ -9,10 +9,18 @@ own driver is :class:`tests.cross.references.Reference`.
 import numpy as np
 
 from sophia import spec
+from sophia.narrow import Block8
 from tests.cross.references import Reference
 from tests.helpers import BF16
 
 HP_KEYS = ("lr", "b1", "b2", "rho", "weight_decay", "eps", "bs", "maximize", "dynamic")
+#: The narrow state's keys (sophia.narrow): a group passes them on only where it sets them.
+NARROW_KEYS = ("mu_dtype", "hessian_dtype", "seed")
+
+
+def narrow_kw(g):
+    """The narrow keys a group sets, as keyword arguments for either framework."""
+    return {k: g[k] for k in NARROW_KEYS if k in g}
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -82,7 +90,7 @@ class JaxDriver:
             return sj.sophia_g(
                 g["lr"], g["b1"], g["b2"], g["rho"], g["weight_decay"] if wd is None else wd,
                 bs=g["bs"], eps=g["eps"], maximize=g["maximize"], dynamic=g["dynamic"],
-                weight_decay_mask=mask, **kw,
+                weight_decay_mask=mask, **kw, **narrow_kw(g),
             )  # fmt: skip
 
         if wd_mask is not None:
@@ -133,7 +141,9 @@ class JaxDriver:
         out = {}
         for s in self.sophia_states():
             for k, v in getattr(s, field).items():
-                if not isinstance(v, self.optax.MaskedNode):
+                if isinstance(v, Block8):  # a block8 h: its codes and scales
+                    out[k] = Block8(np.asarray(v.codes), np.asarray(v.scale))
+                elif not isinstance(v, self.optax.MaskedNode):
                     out[k] = np.asarray(v)
         return out
 
@@ -200,6 +210,7 @@ class TorchDriver:
                     bs=g["bs"],
                     maximize=g["maximize"],
                     dynamic=g["dynamic"],
+                    **narrow_kw(g),
                 )  # fmt: skip
             )
         self.opt = SophiaG(pgs, **flags)
@@ -224,7 +235,11 @@ class TorchDriver:
         return self._state("exp_avg")
 
     def hessian(self):
-        return self._state("hessian")
+        out = self._state("hessian")
+        for n, p in self.t.items():  # a block8 h: the codes and the hessian_scale
+            if "hessian_scale" in self.opt.state[p]:
+                out[n] = Block8(out[n], from_torch(self.opt.state[p]["hessian_scale"]))
+        return out
 
     def rhos(self):
         return [float(d["rho"]) for d in self.opt.diagnostics()]

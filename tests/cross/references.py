@@ -8,12 +8,28 @@ bfloat16/float16 parameters through sophia.jax's update of their dtype.
 
 import numpy as np
 
-from sophia import spec
-from tests.helpers import bits, real_view
+from sophia import narrow, spec
+from tests.helpers import BF16, bits, real_view
+
+
+def state_zeros(form, like):
+    """A zero state array in ``form`` (sophia.narrow) for a parameter like ``like``."""
+    like = np.asarray(like)
+    if form == narrow.BLOCK8:
+        return narrow.Block8(
+            np.zeros(like.shape, np.int8), np.zeros(narrow.block_count(like.size), np.float32)
+        )
+    dtype = {None: like.dtype, "float32": np.float32, "bfloat16": BF16}[form]
+    return np.zeros(like.shape, dtype)
 
 
 class Reference:
-    """The spec's NumPy reference, group by group."""
+    """The spec's NumPy reference, group by group.
+
+    A group's ``mu_dtype``, ``hessian_dtype`` and ``seed`` (where it sets them) are
+    the narrow state's: the arrays are stored in those forms, rounded with the
+    index of the step being taken.
+    """
 
     name = "numpy"
 
@@ -22,6 +38,10 @@ class Reference:
         self.groups = groups
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.h = {k: np.zeros_like(v) for k, v in params.items()}
+        for g in groups:
+            for n in g["names"]:
+                self.m[n] = state_zeros(g.get("mu_dtype"), self.p[n])
+                self.h[n] = state_zeros(g.get("hessian_dtype"), self.p[n])
         self.rho = [spec.compute_dtype(self._dt(g)).type(g["rho"]) for g in groups]
         self.wr = [spec.compute_dtype(self._dt(g)).type(0) for g in groups]
         self.count = 0
@@ -32,7 +52,10 @@ class Reference:
     def refresh(self, h_hat):
         for gi, g in enumerate(self.groups):
             for n in g["names"]:
-                self.h[n] = spec.hessian_ema(self.h[n], h_hat[n], g["b2"])
+                self.h[n] = spec.hessian_ema(
+                    self.h[n], h_hat[n], g["b2"], hessian_dtype=g.get("hessian_dtype"),
+                    compute=self.p[n].dtype, seed=g.get("seed", 0), step=self.count,
+                )  # fmt: skip
             if g["dynamic"] and self.count > 0:
                 n_total = sum(self.p[n].size for n in g["names"])
                 self.rho[gi] = spec.dynamic_rho(
@@ -45,8 +68,9 @@ class Reference:
             for n in g["names"]:
                 kw = {k: g[k] for k in ("lr", "b1", "bs", "weight_decay", "eps", "maximize")}
                 self.p[n], self.m[n], w = spec.sophia_update(
-                    self.p[n], grads[n], self.m[n], self.h[n], rho=self.rho[gi], **kw
-                )
+                    self.p[n], grads[n], self.m[n], self.h[n], rho=self.rho[gi], **kw,
+                    mu_dtype=g.get("mu_dtype"), seed=g.get("seed", 0), step=self.count,
+                )  # fmt: skip
                 n_win += w
             n_total = sum(self.p[n].size for n in g["names"])
             self.wr[gi] = spec.win_rate(n_win, n_total, self._dt(g))
