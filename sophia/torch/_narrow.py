@@ -83,12 +83,17 @@ def stream_key(seed: int, step: int | Tensor, stream: int) -> int | Tensor:
     return _mix32((int(seed) & _MASK) ^ _mix32((4 * int(step) + stream) & _MASK))
 
 
+def bits_at(key: int | Tensor, index: Tensor) -> Tensor:
+    """The bits of the coordinates ``index`` (int64) of the stream ``key`` (or one key each)."""
+    return _mix32(key ^ (((index & _MASK) * _SPREAD) & _MASK))
+
+
 def bits_of_key(key: int | Tensor, n: int, device: torch.device, offset: int = 0) -> Tensor:
     """The bits of coordinates ``offset ... offset + n - 1`` of the stream ``key`` (flat, int64)."""
     index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     if isinstance(key, Tensor):
         key = key.to(device)
-    return _mix32(key ^ (((index & _MASK) * _SPREAD) & _MASK))
+    return bits_at(key, index)
 
 
 def random_bits(

@@ -20,8 +20,6 @@ from torch import Tensor
 
 from sophia import narrow
 from sophia.torch import _narrow as tn
-from sophia.torch._dtensor import check_forms as check_dtensor_forms
-from sophia.torch.functional import check_fused_supports
 
 #: The param-group keys of the narrow state, and their values before it existed.
 KEYS: dict[str, Any] = {"mu_dtype": None, "hessian_dtype": None, "seed": 0}
@@ -30,32 +28,6 @@ HESSIAN_SCALE = "hessian_scale"
 _ALLOWED = {"mu_dtype": narrow.MU_DTYPES, "hessian_dtype": narrow.HESSIAN_DTYPES}
 
 Group = dict[str, Any]
-
-
-def canonical(values: dict[str, Any]) -> None:
-    """``mu_dtype``/``hessian_dtype`` in ``values`` as canonical names (torch dtypes accepted)."""
-    for key, allowed in _ALLOWED.items():
-        if key in values:
-            values[key] = narrow.state_dtype_name(key, values[key], allowed)
-
-
-def check_group(group: Group) -> None:
-    """Raises ``ValueError`` for forms this group's parameters or implementation cannot take.
-
-    Complex parameters take ``None`` or ``"float32"``; DTensor parameters no
-    stochastic form; ``fused=True`` what :func:`check_fused_supports` allows.
-    """
-    params = group["params"]
-    for key in _ALLOWED:
-        form = group[key]
-        if form in tn.STOCHASTIC and any(torch.is_complex(p) for p in params):
-            raise ValueError(
-                f"Invalid {key}: {form!r} for complex parameters (allowed: None or 'float32' "
-                "for complex parameters)"
-            )
-    check_dtensor_forms(params, group["mu_dtype"], group["hessian_dtype"])
-    if group.get("fused"):
-        check_fused_supports(group["mu_dtype"], group["hessian_dtype"])
 
 
 def init_param_state(state: dict[str, Any], group: Group, p: Tensor) -> None:

@@ -65,6 +65,43 @@ def store_momentum(
         m.copy_(mc)
 
 
+def store_momenta(
+    ms: list[Tensor],
+    mcs: list[Tensor],
+    form: str | None,
+    keys: list[int | Tensor | None],
+    origins: list[tuple[int, int]],
+) -> None:
+    """:func:`store_momentum` for a foreach batch: one pass over its pieces' values and bits.
+
+    ``keys`` is the momentum key of each tensor, ``origins`` each piece's
+    (tensor index, offset). The pieces' coordinates and keys are laid out
+    flat, so the batch takes the same dozen kernels as one tensor.
+    """
+    pairs = [(m, mc, keys[i], off) for m, mc, (i, off) in zip(ms, mcs, origins) if mc is not m]
+    if len(pairs) <= 1 or form not in tn.STOCHASTIC:
+        for m, mc, key, offset in pairs:
+            store_momentum(m, mc, form, key, offset)
+        return
+    device = pairs[0][0].device
+    sizes = [m.numel() for m, *_ in pairs]
+    counts = torch.tensor(sizes, device=device)
+    total = sum(sizes)
+    key_list = [k if isinstance(k, Tensor) else torch.tensor(k) for *_, k, _ in pairs]
+    per_key = torch.stack([k.to(device=device, dtype=torch.int64) for k in key_list])
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + size)
+    # coordinate of flat element e of piece j: e - start_j + offset_j
+    shift = torch.tensor([off - st for (*_, off), st in zip(pairs, starts)], device=device)
+    index = torch.arange(total, device=device) + shift.repeat_interleave(counts, output_size=total)
+    bits = tn.bits_at(per_key.repeat_interleave(counts, output_size=total), index)
+    flat = torch.cat([mc.reshape(-1).to(torch.float32) for _, mc, *_ in pairs])
+    rounded = tn.round_bfloat16(flat, bits).split(sizes)
+    targets = [m for m, *_ in pairs]
+    torch._foreach_copy_(targets, [v.view(m.shape) for v, m in zip(rounded, targets)])
+
+
 def narrow_hessian_ema(
     h: Tensor,
     scale: Tensor | None,

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from sophia.torch import estimators
+from sophia.torch._narrow_state import HESSIAN_SCALE
 from sophia.torch._scalars import real_view
+from sophia.torch.functional import hessian_ema
 
 #: What autograd says of a graph that a backward already freed.
 _FREED_GRAPH = "backward through the graph a second time"
@@ -65,3 +67,28 @@ def gnb_estimates(
         ) from e
     by_id = {id(p): h for p, h in zip(wanted, h_hats)}
     return [by_id.get(id(p)) for p in all_params], count
+
+
+def group_ema(
+    group: dict[str, Any],
+    p_states: list[dict[str, Any]],
+    param_dtypes: list[torch.dtype],
+    estimates: list[Tensor],
+) -> None:
+    """The EMA of ``h`` of one group's parameters (their states) with their estimates.
+
+    Stored in the group's ``hessian_dtype``; a stochastic form's step index is
+    each parameter's step counter, the index of the step this refresh starts.
+    """
+    scales = [s[HESSIAN_SCALE] for s in p_states if HESSIAN_SCALE in s]
+    hessian_ema(
+        [s["hessian"] for s in p_states],
+        estimates,
+        beta2=group["betas"][1],
+        foreach=group["foreach"],
+        hessian_dtype=group["hessian_dtype"],
+        param_dtypes=param_dtypes,
+        state_steps=[s["step"] for s in p_states],
+        seed=group["seed"],
+        hessian_scales=scales or None,
+    )

@@ -41,6 +41,7 @@ from sophia.torch._narrow_step import (
     is_narrow,
     momentum_key,
     narrow_hessian_emas,
+    store_momenta,
     store_momentum,
 )
 from sophia.torch._scalars import (
@@ -374,8 +375,7 @@ def _multi_tensor_sophia_g(group: DeviceGroup, hyper: Hyperparameters) -> list[T
             for h, (i, offset) in zip(hs, origins)
         ]
         counts += _foreach_update(ps, gs, mcs, hcs, ws, ws.batch_scratch(ps))
-        for m, mc, (i, offset) in zip(ms, mcs, origins):
-            store_momentum(m, mc, hyper.mu_dtype, keys[i], offset)
+        store_momenta(ms, mcs, hyper.mu_dtype, keys, origins)
     return counts
 
 

@@ -3,6 +3,7 @@ r"""``SophiaG`` as a ``torch.optim.Optimizer``, following :mod:`sophia.spec`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,27 +14,13 @@ from sophia import spec
 from sophia.torch import _diagnostics, _refresh, estimators
 from sophia.torch import _group_state as gstate
 from sophia.torch import _narrow_state as nstate
-from sophia.torch._fused import FUSED_DEVICES
 from sophia.torch._misuse import MisuseMonitor
-from sophia.torch.functional import check_not_fused_and_foreach, hessian_ema, sophia_g
+from sophia.torch._validation import check_fused_parameter, check_group, validate
+from sophia.torch.functional import sophia_g
 
 __all__ = ["SophiaG"]
 
 _D = spec.DEFAULTS
-#: The param-group keys :func:`sophia.spec.validate` checks.
-_SPEC_KEYS = (
-    "lr",
-    "betas",
-    "rho",
-    "weight_decay",
-    "eps",
-    "bs",
-    "maximize",
-    "dynamic",
-    "mu_dtype",
-    "hessian_dtype",
-    "seed",
-)
 
 
 class SophiaG(Optimizer):
@@ -155,8 +142,7 @@ class SophiaG(Optimizer):
             "seed": seed,
         }
         # the defaults once here; each group then checks only what it sets itself
-        _validate(hyperparameters)
-        nstate.canonical(hyperparameters)
+        validate(hyperparameters)
         defaults = {**hyperparameters, "betas": tuple(betas)}
         self._misuse = MisuseMonitor()
         super().__init__(params, defaults)
@@ -176,9 +162,8 @@ class SophiaG(Optimizer):
         if "fused" in values or "foreach" in values:
             values.update(fused=group["fused"], foreach=group["foreach"])
         try:
-            _validate(values)
-            nstate.canonical(group)
-            nstate.check_group(group)
+            validate(values)
+            check_group(group)
         except ValueError:
             self.param_groups.pop()  # nothing half-changed
             raise
@@ -259,15 +244,8 @@ class SophiaG(Optimizer):
             if p.grad is None:
                 continue
             grad = self._dense_grad(group, i)
-            if group["fused"] and not (
-                p.device.type in FUSED_DEVICES
-                and (torch.is_floating_point(p) or torch.is_complex(p))
-            ):
-                raise RuntimeError(
-                    f"SophiaG fused=True needs floating-point parameters on "
-                    f"{'/'.join(FUSED_DEVICES)}, got {p.dtype} on {p.device.type} for "
-                    f"{self._param_name(group, i)}"
-                )
+            if group["fused"]:
+                check_fused_parameter(p, partial(self._param_name, group, i))
             has_complex |= torch.is_complex(p)
             state = self._init_state(group, p)
             params.append(p)
@@ -436,33 +414,18 @@ class SophiaG(Optimizer):
             ]
         k = 0
         for group in self.param_groups:
-            hs, es, states, dtypes = [], [], [], []
+            es, states, dtypes = [], [], []
             for p in group["params"]:
                 e = estimates[k]
                 k += 1
                 if e is None:
                     continue
                 states.append(self._init_state(group, p))
-                hs.append(states[-1]["hessian"])
                 es.append(e)
                 dtypes.append(p.dtype)
             st = gstate.group_state(self.state, group)
-            if hs:
-                hessian_ema(
-                    hs,
-                    es,
-                    beta2=group["betas"][1],
-                    foreach=group["foreach"],
-                    hessian_dtype=group["hessian_dtype"],
-                    param_dtypes=dtypes,
-                    # the index of the step this refresh starts: each parameter's steps so far
-                    state_steps=[s["step"] for s in states],
-                    seed=group["seed"],
-                    hessian_scales=[
-                        s[nstate.HESSIAN_SCALE] for s in states if nstate.HESSIAN_SCALE in s
-                    ]
-                    or None,
-                )
+            if states:
+                _refresh.group_ema(group, states, dtypes, es)
             if st is None:
                 continue
             if count is not None:
@@ -497,21 +460,3 @@ class SophiaG(Optimizer):
           One dict per param group.
         """
         return _diagnostics.diagnostics(self.state, self.param_groups)
-
-
-def _validate(values: dict[str, Any]) -> None:
-    """Checks the hyperparameters in ``values`` (the defaults, or what a group sets itself).
-
-    :func:`sophia.spec.validate`, plus: a tensor ``lr`` or ``rho`` has one
-    element, and ``fused`` and ``foreach`` are not both on.
-    """
-    for name in ("lr", "rho"):
-        value = values.get(name)
-        if isinstance(value, Tensor) and value.numel() != 1:
-            raise ValueError(
-                f"Invalid {name}: a tensor of shape {tuple(value.shape)} (allowed: a number "
-                "or a 1-element tensor)"
-            )
-    if not torch.compiler.is_compiling():
-        spec.validate(**{k: values[k] for k in _SPEC_KEYS if k in values})
-    check_not_fused_and_foreach(values.get("fused"), values.get("foreach"))

@@ -565,3 +565,70 @@ def test_functional_block8_needs_the_scales():
             maximize=False,
             hessian_dtype="block8",
         )
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_dtensor_parameters_take_float32_forms_but_no_stochastic_one(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sophia.torch import SophiaG
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.arange(6.0), mesh, [Shard(0)]))
+        for key in ("mu_dtype", "hessian_dtype"):
+            with pytest.raises(ValueError, match=rf"Invalid {key}: 'bfloat16' for DTensor"):
+                SophiaG([p], **{key: "bfloat16"})
+        plain = torch.nn.Parameter(torch.arange(6.0))
+        opts = [
+            SophiaG([x], **HYPER, mu_dtype="float32", hessian_dtype="float32") for x in (p, plain)
+        ]
+        for o, x in zip(opts, (p, plain)):
+            x.grad = torch.ones_like(x)
+            o.update_hessian()
+            o.step()
+        assert same(p.full_tensor(), plain)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_forms_and_the_grad_square_refresh():
+    """A group's own torch dtype becomes its name; update_hessian() writes the form too."""
+    from sophia.torch import SophiaG
+
+    a, b = (
+        torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(i)))
+        for i in (0, 1)
+    )
+    opt = SophiaG(
+        [{"params": [a]}, {"params": [b], "hessian_dtype": torch.bfloat16}], **HYPER, seed=2
+    )
+    assert [g["hessian_dtype"] for g in opt.param_groups] == [None, "bfloat16"]
+    b.grad = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    opt.update_hessian()
+    want = narrow_ema(np.zeros(300, F32), n(b.grad) ** 2, F32, "bfloat16", 2, 0)
+    assert same(n(opt.state[b]["hessian"]), want.astype(F32))
+    assert a not in opt.state or "hessian" not in opt.state[a]
+
+
+def test_a_foreach_batch_of_momenta_takes_the_bits_of_each_piece():
+    """store_momenta (pieces laid out flat, host or device keys) is store_momentum per piece."""
+    from sophia.torch._narrow_step import store_momenta, store_momentum
+
+    g = torch.Generator().manual_seed(0)
+    mcs = [torch.randn(s, generator=g) for s in [(5,), (3, 4), (300,), ()]]
+    origins = [(0, 0), (1, 0), (2, 512), (3, 0)]
+    host_keys = [tn.stream_key(7, step, narrow.STREAM_MU) for step in (0, 3, 9, 2**20)]
+    device_keys = [torch.tensor(k) for k in host_keys]
+    want = [torch.zeros(x.shape, dtype=torch.bfloat16) for x in mcs]
+    for m, mc, (i, off) in zip(want, mcs, origins):
+        store_momentum(m, mc, "bfloat16", host_keys[i], off)
+    for keys in (host_keys, device_keys):
+        got = [torch.zeros(x.shape, dtype=torch.bfloat16) for x in mcs]
+        store_momenta(got, mcs, "bfloat16", keys, origins)
+        assert all(same(n(a), n(b)) for a, b in zip(got, want))
+    bits = tn.random_bits(7, 9, narrow.STREAM_MU, (300,), offset=512)
+    assert same(n(want[2]), n(tn.round_bfloat16(mcs[2], bits)))
