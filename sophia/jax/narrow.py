@@ -99,6 +99,16 @@ def _blocks(flat: jax.Array, fill: Any) -> jax.Array:
     return padded.reshape(nb, BLOCK_SIZE)
 
 
+def _unbroadcast(divisor: jax.Array) -> jax.Array:
+    """A divisor XLA cannot see as a broadcast.
+
+    XLA rewrites ``a / broadcast(b)`` (a scalar or a per-block value) as
+    ``a * broadcast(1 / b)``, which is not the correctly rounded quotient the
+    spec takes; behind the barrier it is a full array, divided element by element.
+    """
+    return jax.lax.optimization_barrier(divisor)
+
+
 def encode_block8(x: jax.Array, bits: jax.Array) -> Block8:
     """:func:`sophia.narrow.encode_block8`: float32 ``x`` in the 8-bit block form.
 
@@ -110,14 +120,14 @@ def encode_block8(x: jax.Array, bits: jax.Array) -> Block8:
     x = x.astype(jnp.float32)
     n = x.size
     blocks = _blocks(x.reshape(-1), 0)
-    # The barrier keeps XLA from turning the division by a constant into a product with
-    # its rounded reciprocal, which is not the correctly rounded quotient the spec takes.
-    code_max = jax.lax.optimization_barrier(jnp.float32(CODE_MAX))
-    scale = jnp.max(jnp.abs(blocks), axis=1) / code_max
+    # XLA:CPU's vectorized max can drop a NaN; the spec's block maximum is NaN then.
+    has_nan = jnp.any(jnp.isnan(blocks), axis=1)
+    max_abs = jnp.where(has_nan, jnp.float32(jnp.nan), jnp.max(jnp.abs(blocks), axis=1))
+    scale = max_abs / _unbroadcast(jnp.full(max_abs.shape, CODE_MAX, jnp.float32))
     usable = jnp.isfinite(scale) & (scale > 0)
-    divisor = jnp.where(usable, scale, jnp.float32(1))[:, None]
+    divisor = jnp.broadcast_to(jnp.where(usable, scale, jnp.float32(1))[:, None], blocks.shape)
     u = (bits.reshape(-1) >> _U32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-    y = jnp.floor(blocks / divisor + _blocks(u, 0))
+    y = jnp.floor(blocks / _unbroadcast(divisor) + _blocks(u, 0))
     y = jnp.clip(jnp.where(usable[:, None], y, jnp.float32(0)), -CODE_MAX, CODE_MAX)
     codes = y.astype(jnp.int8).reshape(-1)[:n].reshape(x.shape)
     return Block8(codes, scale)
