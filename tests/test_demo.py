@@ -815,3 +815,43 @@ def test_cli_bad_state_dtype_is_refused(flags, monkeypatch, capsys):
         cli.main(["--preset", "tiny", *flags])
     assert exit_.value.code == 2
     assert f"argument {flags[0]}: invalid choice: '{flags[1]}'" in capsys.readouterr().err
+
+
+def _state_bytes_difference(sizes, mu_dtype, hessian_dtype):
+    """What narrow m and h take over float32 m and h, per leaf sizes, by sophia.narrow's count."""
+    from sophia import narrow
+
+    return sum(
+        narrow.state_bytes(n, mu_dtype, 4) + narrow.state_bytes(n, hessian_dtype, 4) - 8 * n
+        for n in sizes
+    )
+
+
+def test_jax_trainer_stores_the_narrow_state_and_reports_its_bytes():
+    """bf16 m and block8 h: the state holds those forms, and the measured bytes shrink by them."""
+    import sophia.jax as sj
+    from sophia import narrow
+
+    forms = dataclasses.replace(TINY.sophia, mu_dtype="bfloat16", hessian_dtype="block8")
+    cfg = dataclasses.replace(TINY, sophia=forms)
+    plain = train_jax.make_trainer(TINY, TINY.sophia)
+    trainer = train_jax.make_trainer(cfg, cfg.sophia)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        x = rng.integers(0, 256, (cfg.batch_size, cfg.model.block_size)).astype(np.int32)
+        assert math.isfinite(trainer.step(x, np.roll(x, -1, axis=1)))
+    (state,) = [
+        s
+        for s in jax.tree.leaves(
+            trainer.opt_state, is_leaf=lambda s: isinstance(s, sj.ScaleBySophiaState)
+        )
+        if isinstance(s, sj.ScaleBySophiaState)
+    ]
+    params = jax.tree.leaves(trainer.params)
+    assert [m.dtype for m in jax.tree.leaves(state.mu)] == [jnp.bfloat16] * len(params)
+    blocks = jax.tree.leaves(state.hessian, is_leaf=lambda x: isinstance(x, narrow.Block8))
+    assert all(isinstance(b, narrow.Block8) and b.codes.dtype == jnp.int8 for b in blocks)
+    assert any(np.any(np.asarray(b.codes) != 0) for b in blocks)  # refreshed at step 0
+    sizes = [p.size for p in params]
+    saved = plain.opt_state_bytes() - trainer.opt_state_bytes()
+    assert saved == -_state_bytes_difference(sizes, "bfloat16", "block8") > 0
