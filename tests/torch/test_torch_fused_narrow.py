@@ -2,8 +2,14 @@
 
 Twenty steps with a refresh every third (the spec's EMA, stored in the named
 form), on tensors that span the native kernel's work items, the compiled
-kernel's packing threshold and partial 8-bit blocks, one of them non-contiguous.
+kernel's packing threshold and partial 8-bit blocks, one of them non-contiguous;
+the fused body against the foreach one; and the step's peak extra memory,
+measured in a fresh process as benchmarks/harness/memory.py does.
 """
+
+import json
+import os
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -11,10 +17,10 @@ import pytest
 import torch
 
 from sophia import narrow, spec
-from sophia.torch import _fused, _native
+from sophia.torch import _fused, _native, sophia_g
 from sophia.torch._blocks import DeviceGroup
 from sophia.torch._scalars import Hyperparameters
-from tests.helpers import identical
+from tests.helpers import REPO_ROOT, identical, run_module
 from tests.torch.torchref import HP
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -144,7 +150,9 @@ FORMS = [
 
 
 @pytest.mark.parametrize("mu_dtype, hessian_dtype", FORMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
 def test_native_kernel_over_narrow_state_is_the_spec(dtype, mu_dtype, hessian_dtype, monkeypatch):
     calls = []
     real = _native.fused_step_narrow_op()
@@ -165,8 +173,8 @@ def test_native_kernel_over_narrow_state_is_the_spec(dtype, mu_dtype, hessian_dt
     "dtype, mu_dtype, hessian_dtype",
     [
         (torch.float32, "bfloat16", "block8"),
-        (torch.float64, "bfloat16", "bfloat16"),
-        (torch.bfloat16, "float32", "float32"),
+        (torch.float64, "float32", "bfloat16"),
+        (torch.bfloat16, "bfloat16", "float32"),
     ],
     ids=str,
 )
@@ -209,3 +217,99 @@ def test_native_narrow_op_rejects_mismatched_inputs():
         op([p], [g], [m.bfloat16()], [p.clone()], [], [], c, 0, True)
     with pytest.raises(RuntimeError, match="seed"):
         op([p], [g], [m], [p.clone()], [], [], c, 2**32, False)
+
+
+def _foreach_and_fused_inputs(shapes):
+    """(params, grads, bfloat16 m, block8 codes, scales, steps), drawn alike each call."""
+    gen = np.random.default_rng(3)
+    params, grads = (
+        [to_torch(gen.normal(size=s).astype(np.float32)) for s in shapes] for _ in "pg"
+    )
+    ms = [to_torch(gen.normal(size=s).astype(BF16)) for s in shapes]
+    blocks = [
+        narrow.encode_block8(gen.normal(size=s).astype(np.float32), narrow.random_bits(1, 0, 1, s))
+        for s in shapes
+    ]
+    codes, scales = [to_torch(b.codes) for b in blocks], [to_torch(b.scale) for b in blocks]
+    steps = [torch.tensor(float(gen.integers(0, 50))) for _ in shapes]
+    return params, grads, ms, codes, scales, steps
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "compiled"])
+def test_fused_body_equals_the_foreach_body(native, monkeypatch):
+    """Same inputs through sophia_g(foreach=True) and the fused body: the same bits."""
+    if not native:
+        monkeypatch.setenv("SOPHIA_TORCH_NATIVE", "0")
+    shapes = [(7,), (3, 12000)]
+    kw = {"lr": HP["lr"], "beta1": HP["betas"][0], "rho": HP["rho"], "bs": HP["bs"]}
+    kw |= {"weight_decay": HP["weight_decay"], "eps": HP["eps"], "maximize": False}
+    forms = {"mu_dtype": "bfloat16", "hessian_dtype": "block8", "seed": SEED}
+    pa, ga, ma, ha, sa, steps_a = _foreach_and_fused_inputs(shapes)
+    wins_a = sophia_g(pa, ga, ma, ha, steps_a, foreach=True, hessian_scales=sa, **kw, **forms)
+    pb, gb, mb, hb, sb, steps_b = _foreach_and_fused_inputs(shapes)
+    group = DeviceGroup(torch.device("cpu"), torch.float32, pb, gb, mb, hb, steps_b)
+    counts = _fused.fused_sophia_g(group, Hyperparameters(*kw.values()), hessian_scales=sb, **forms)
+    assert int(wins_a) == sum(int(c) for c in counts)
+    for x, y in zip(pa + ma, pb + mb):
+        assert identical(to_numpy(x, np.float32), to_numpy(y, np.float32))
+
+
+#: Parameters of the memory probe: four float32 tensors of 2**20 elements.
+PROBE_N, PROBE_K = 1 << 20, 4
+
+
+def _peak_extra(form):
+    """The fused step's peak extra RSS (bytes) over 3 calls, in this (fresh) process."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from harness import memory
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = PROBE_N, PROBE_K
+    params, grads = ([torch.randn(n, generator=gen) for _ in range(k)] for _ in range(2))
+    ms = [torch.randn(n, generator=gen).bfloat16() for _ in range(k)]
+    if form == "block8":
+        hs = [torch.randint(-127, 128, (n,), dtype=torch.int8, generator=gen) for _ in range(k)]
+        scales = [torch.rand(narrow.block_count(n), generator=gen) for _ in range(k)]
+    else:
+        hs, scales = [torch.rand(n, generator=gen).bfloat16() for _ in range(k)], None
+    group = DeviceGroup(
+        torch.device("cpu"),
+        torch.float32,
+        params,
+        grads,
+        ms,
+        hs,
+        [torch.tensor(2.0) for _ in range(k)],
+    )
+    hyper = Hyperparameters(1e-4, 0.965, 0.04, 5120.0, 0.1, 1e-15, False)
+
+    def step():
+        _fused.fused_sophia_g(
+            group, hyper, hessian_scales=scales, mu_dtype="bfloat16", hessian_dtype=form, seed=1
+        )
+
+    step()  # builds or compiles the kernel
+    extras, _ = memory.peak_extra_bytes(step, 3)
+    return max(extras)
+
+
+def test_native_step_over_narrow_state_makes_no_full_size_temporary():
+    """bfloat16 m with a bfloat16 or block8 h. (The compiled path is one inductor loop too, but
+    a fresh process compiles it again, which costs more than CI's budget for this file.)"""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from harness import memory
+
+    env = {**memory.PROBE_ENV, "SOPHIA_TORCH_NATIVE": "1"}
+    res = run_module(
+        "tests.torch.test_torch_fused_narrow", "bfloat16", "block8", env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    peaks = json.loads(res.stdout.strip().splitlines()[-1])
+    # a float32 copy of one tensor's m or h would be 4 MiB
+    for form, peak in peaks.items():
+        assert peak < PROBE_N, (form, peak)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    print(json.dumps({form: _peak_extra(form) for form in sys.argv[1:]}))
