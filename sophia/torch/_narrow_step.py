@@ -140,7 +140,7 @@ def narrow_hessian_emas(
     seed: int,
     scales: list[Tensor] | None,
 ) -> None:
-    """:func:`hessian_ema` with ``hessian_dtype`` set: one tensor at a time, through the form."""
+    """:func:`sophia.torch.functional.hessian_ema` with ``hessian_dtype``: tensor by tensor."""
     k = len(hs)
     for name, xs, needed in (
         ("param_dtypes", param_dtypes, True),

@@ -209,7 +209,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 NP_OF = {torch.float32: F32, torch.float64: np.float64, torch.bfloat16: BF16}
 #: 561 and 1200 coordinates cut into flat slices (a partial last block each) when the CPU
 #: block is patched to 512 (see sliced).
-SHAPES = [(), (7,), (33, 17), (40, 30)]
+SHAPES = [(), (3, 0), (7,), (33, 17), (40, 30)]
 FORMS = [
     (mu, h) for mu in (None, "float32", "bfloat16") for h in (None, "float32", "bfloat16", "block8")
 ]
@@ -632,3 +632,28 @@ def test_a_foreach_batch_of_momenta_takes_the_bits_of_each_piece():
         assert all(same(n(a), n(b)) for a, b in zip(got, want))
     bits = tn.random_bits(7, 9, narrow.STREAM_MU, (300,), offset=512)
     assert same(n(want[2]), n(tn.round_bfloat16(mcs[2], bits)))
+
+
+def test_functional_hessian_ema_in_a_form_needs_what_the_form_reads():
+    from sophia.torch import hessian_ema
+
+    h, e = torch.zeros(4, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="needs one param_dtypes per Hessian"):
+        hessian_ema([h], [e], beta2=0.9, hessian_dtype="block8")
+    with pytest.raises(ValueError, match="needs one state_steps per Hessian"):
+        hessian_ema([h], [e], beta2=0.9, hessian_dtype="block8", param_dtypes=[torch.float32])
+    scale = torch.zeros(1)
+    hessian_ema(
+        [h],
+        [e],
+        beta2=HYPER["betas"][1],
+        hessian_dtype="block8",
+        param_dtypes=[torch.float32],
+        state_steps=[torch.tensor(4.0)],
+        seed=1,
+        hessian_scales=[scale],
+    )
+    want = narrow_ema(
+        narrow.Block8(np.zeros(4, np.int8), np.zeros(1, F32)), np.ones(4, F32), F32, "block8", 1, 4
+    )
+    assert same(h, want.codes) and same(scale, want.scale)
