@@ -58,9 +58,11 @@ def with_form_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 def check_saved_forms(groups: list[Group], state_dict: dict[str, Any]) -> None:
     """Raises ``ValueError`` where a saved group's forms are not this optimizer's group's.
 
-    Its state tensors would be in the wrong form; convert by stepping a fresh
-    optimizer instead.
+    Its state tensors would be in the wrong form (:mod:`sophia.interop` converts
+    between forms, with ``convert_forms=True``). Also raises where a block8
+    parameter's saved ``hessian`` comes without ``hessian_scale`` of its block count.
     """
+    saved_state = state_dict.get("state", {})
     for gi, (group, saved) in enumerate(zip(groups, state_dict.get("param_groups", []))):
         for key in _ALLOWED:
             mine = group[key]
@@ -70,6 +72,19 @@ def check_saved_forms(groups: list[Group], state_dict: dict[str, Any]) -> None:
                     f"SophiaG.load_state_dict: param group {gi} was saved with "
                     f"{key}={theirs!r} but this optimizer has {key}={mine!r}; a state dict "
                     f"loads only into an optimizer with the same {key}"
+                )
+        if group["hessian_dtype"] != narrow.BLOCK8:
+            continue
+        for pi, (p, saved_id) in enumerate(zip(group["params"], saved.get("params", []))):
+            saved_p = saved_state.get(saved_id, {})
+            scale = saved_p.get(HESSIAN_SCALE)
+            want = (narrow.block_count(p.numel()),)
+            if "hessian" in saved_p and not (torch.is_tensor(scale) and scale.shape == want):
+                got = tuple(scale.shape) if torch.is_tensor(scale) else scale
+                raise ValueError(
+                    f"SophiaG.load_state_dict: parameter {pi} of param group {gi} has block8 "
+                    f"codes but its saved {HESSIAN_SCALE!r} is {got!r} (allowed: a float32 "
+                    f"tensor of shape {want})"
                 )
 
 

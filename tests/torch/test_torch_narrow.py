@@ -657,3 +657,35 @@ def test_functional_hessian_ema_in_a_form_needs_what_the_form_reads():
         narrow.Block8(np.zeros(4, np.int8), np.zeros(1, F32)), np.ones(4, F32), F32, "block8", 1, 4
     )
     assert same(h, want.codes) and same(scale, want.scale)
+
+
+def test_block8_state_without_its_scales_is_refused():
+    from sophia.torch import SophiaG
+
+    opt, params, _ = _run(torch.float32, None, "block8", "foreach", steps=2)
+    saved = opt.state_dict()
+    twin = SophiaG([torch.nn.Parameter(p.detach().clone()) for p in params], hessian_dtype="block8")
+    key = next(k for k, v in saved["state"].items() if v["hessian"].numel() > 256)
+    for bad in (None, torch.zeros(1)):
+        state = {**saved["state"], key: {**saved["state"][key], "hessian_scale": bad}}
+        if bad is None:
+            del state[key]["hessian_scale"]
+        with pytest.raises(
+            ValueError, match=r"its saved 'hessian_scale' is .* \(allowed: a float32"
+        ):
+            twin.load_state_dict({**saved, "state": state})
+        assert not twin.state
+
+
+def test_an_optimizer_pickled_before_narrow_state_unpickles_with_forms_none():
+    from sophia.torch import SophiaG
+
+    opt = SophiaG([torch.nn.Parameter(torch.zeros(3))], seed=4)
+    state = opt.__getstate__()
+    for d in [state["defaults"], *state["param_groups"]]:
+        for key in ("mu_dtype", "hessian_dtype", "seed"):
+            del d[key]
+    old = SophiaG.__new__(SophiaG)
+    old.__setstate__(state)
+    group = old.param_groups[0]
+    assert (group["mu_dtype"], group["hessian_dtype"], group["seed"]) == (None, None, 0)
