@@ -25,6 +25,24 @@ def is_narrow(hyper: Hyperparameters) -> bool:
     return hyper.mu_dtype is not None or hyper.hessian_dtype is not None
 
 
+def check_state_dtypes(
+    params: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor], hyper: Hyperparameters
+) -> None:
+    """Raises ``ValueError`` where a state tensor is not in the dtype its form stores."""
+    for i, (p, m, h) in enumerate(zip(params, exp_avgs, hessians)):
+        for name, x, form in (
+            ("exp_avgs", m, hyper.mu_dtype),
+            ("hessians", h, hyper.hessian_dtype),
+        ):
+            want = tn.storage_dtype(form, p.dtype)
+            if x.dtype != want:
+                key = "mu_dtype" if name == "exp_avgs" else "hessian_dtype"
+                raise ValueError(
+                    f"sophia_g: {name}[{i}] is {x.dtype}, but {key}={form!r} stores {want} "
+                    f"for a {p.dtype} parameter"
+                )
+
+
 def momentum_key(hyper: Hyperparameters, step: Tensor) -> int | Tensor | None:
     """The momentum stream's key for a tensor at ``step`` (its counter before the increment).
 

@@ -37,6 +37,7 @@ from sophia.torch._blocks import (
     flat_slices,
 )
 from sophia.torch._narrow_step import (
+    check_state_dtypes,
     decoded_hessian,
     is_narrow,
     momentum_key,
@@ -175,6 +176,8 @@ def sophia_g(
     hyper = Hyperparameters(
         lr, beta1, rho, bs, weight_decay, eps, maximize, mu_dtype, hessian_dtype, seed
     )
+    if is_narrow(hyper) and not torch.compiler.is_compiling():
+        check_state_dtypes(params, exp_avgs, hessians, hyper)
     if fused or torch.compiler.is_compiling():
         check_fused_supports(mu_dtype, hessian_dtype)
     if torch.compiler.is_compiling():

@@ -689,3 +689,23 @@ def test_an_optimizer_pickled_before_narrow_state_unpickles_with_forms_none():
     old.__setstate__(state)
     group = old.param_groups[0]
     assert (group["mu_dtype"], group["hessian_dtype"], group["seed"]) == (None, None, 0)
+
+
+def test_functional_state_in_another_dtype_than_its_form_is_refused():
+    from sophia.torch import sophia_g
+
+    p = torch.zeros(3)
+    kw = {"lr": 0.1, "beta1": 0.9, "rho": 0.1, "bs": 1, "weight_decay": 0.0, "eps": 1e-12}
+    with pytest.raises(
+        ValueError, match=r"exp_avgs\[0\] is torch.float32, but mu_dtype='bfloat16'"
+    ):
+        sophia_g(
+            [p],
+            [p],
+            [p.clone()],
+            [p.clone()],
+            [torch.zeros(())],
+            maximize=False,
+            mu_dtype="bfloat16",
+            **kw,
+        )
