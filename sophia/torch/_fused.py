@@ -10,9 +10,9 @@ non-contiguous tensors sharing one call on packed copies. Inside an outer
 
 Narrow state (:mod:`sophia.narrow`: ``mu_dtype``, ``hessian_dtype``) takes the
 same routes: the native kernel's ``fused_step_narrow_`` op, or
-:func:`fused_update_narrow` compiled once per (dtype, form), which rounds and
-decodes inside the pass as well. A group whose state has the parameters' dtype
-and no stochastic form runs the default kernels unchanged.
+:func:`~sophia.torch._fused_narrow.fused_update_narrow` compiled once per state
+layout, which rounds and decodes inside the pass as well. A group whose state
+has the parameters' dtype and no stochastic form runs the default kernels unchanged.
 """
 
 from __future__ import annotations
@@ -287,6 +287,7 @@ def _compiled_narrow(
 
 
 def _eager_forms(form: NarrowForm) -> dict[str, Any]:
+    """The form arguments an uncompiled call passes (a compiled copy has them as defaults)."""
     return {"stochastic_mu": form.stochastic_mu, "block8": form.block8}
 
 
