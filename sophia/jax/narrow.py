@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sophia import narrow
 from sophia.jax.real_pairs import is_complex, join_parts, part_dtype, real_parts
@@ -50,8 +51,8 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 def _as_u32(value: Any) -> jax.Array:
     """A Python int (modulo ``2**32``) or an integer array (possibly traced) as uint32."""
-    if isinstance(value, int):
-        return jnp.asarray(value & narrow._MASK, _U32)
+    if isinstance(value, (int, np.integer)):
+        return jnp.asarray(int(value) & narrow._MASK, _U32)
     return jnp.asarray(value).astype(_U32)
 
 
@@ -67,8 +68,8 @@ def random_bits(seed: Any, step: Any, stream: int, shape: Any) -> jax.Array:
     Returns:
       uint32 array of ``shape``.
     """
-    if isinstance(step, int):
-        counter = _as_u32(4 * step + stream)
+    if isinstance(step, (int, np.integer)):
+        counter = _as_u32(4 * int(step) + stream)
     else:
         counter = _as_u32(step) * _U32(4) + _U32(stream)
     key = _mix32(_as_u32(seed) ^ _mix32(counter))

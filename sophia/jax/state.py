@@ -64,8 +64,11 @@ class ScaleBySophiaState(NamedTuple):
 
     Attributes:
       count: steps taken (int32).
-      mu: the momentum :math:`m`.
-      hessian: the diagonal-Hessian EMA :math:`h`.
+      mu: the momentum :math:`m`, its leaves in the transform's ``mu_dtype``
+        form (:mod:`sophia.narrow`; the parameters' dtypes by default).
+      hessian: the diagonal-Hessian EMA :math:`h`, its leaves in the
+        ``hessian_dtype`` form: arrays, or :class:`sophia.narrow.Block8` (int8
+        codes of the parameter's shape and float32 scales) for ``"block8"``.
       key: PRNG key of the built-in estimator; split once per refresh.
       rho: the current :math:`\rho` (the configured one, moved by the
         dynamic-rho rule when the transform has ``dynamic=True``).
