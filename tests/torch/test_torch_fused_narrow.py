@@ -313,3 +313,54 @@ def test_native_step_over_narrow_state_makes_no_full_size_temporary():
 if __name__ == "__main__":
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(json.dumps({form: _peak_extra(form) for form in sys.argv[1:]}))
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "compiled"])
+def test_special_values_round_and_decode_as_the_spec(native, monkeypatch):
+    """inf, NaN, subnormal and near-overflow momenta; a block whose scale is NaN or inf."""
+    monkeypatch.setenv("SOPHIA_TORCH_NATIVE", native)
+    shapes = [(7,), (3, 12000)]  # packed and whole on the compiled path
+    rng = np.random.default_rng(11)
+    specials = np.array([np.inf, -np.inf, np.nan, 3.3e38, -3.3e38, 1e-40, -0.0], np.float32)
+    theta, g, m, h = [], [], [], []
+    for s in shapes:
+        n = int(np.prod(s))
+        theta.append(rng.normal(size=s).astype(np.float32))
+        gi = rng.normal(size=n).astype(np.float32)
+        mi = rng.normal(size=n).astype(np.float32)
+        gi[: specials.size], mi[: specials.size] = specials, specials
+        g.append(gi.reshape(s))
+        m.append(mi.reshape(s).astype(BF16))
+        hv = rng.normal(size=n).astype(np.float32)
+        hv[1] = np.nan  # the first block's scale is NaN
+        if n > 600:
+            hv[300] = np.inf  # the second block's is inf
+        h.append(narrow.encode_block8(hv.reshape(s), narrow.random_bits(2, 0, 1, s)))
+    params, ms = [to_torch(x) for x in theta], [to_torch(x) for x in m]
+    steps = [torch.tensor(5.0) for _ in shapes]
+    group = DeviceGroup(
+        torch.device("cpu"),
+        torch.float32,
+        params,
+        [to_torch(x) for x in g],
+        ms,
+        [to_torch(x.codes) for x in h],
+        steps,
+    )
+    hyper = Hyperparameters(
+        HP["lr"], HP["betas"][0], HP["rho"], HP["bs"], HP["weight_decay"], HP["eps"], False
+    )
+    scales = [to_torch(x.scale) for x in h]
+    counts = _fused.fused_sophia_g(
+        group, hyper, hessian_scales=scales, mu_dtype="bfloat16", hessian_dtype="block8", seed=SEED
+    )
+    wins = 0
+    for i in range(len(shapes)):
+        want_t, want_m, w = spec.sophia_update(
+            theta[i], g[i], m[i], h[i], **spec_kwargs(), mu_dtype="bfloat16", seed=SEED, step=5
+        )
+        wins += w
+        assert identical(to_numpy(params[i], np.float32), want_t)
+        assert identical(to_numpy(ms[i], BF16), want_m)
+    assert sum(int(c) for c in counts) == wins
+    assert not np.all(np.isfinite(to_numpy(ms[0], np.float32)))  # the specials got through
