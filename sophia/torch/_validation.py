@@ -18,7 +18,7 @@ from sophia import narrow, spec
 from sophia.torch import _narrow as tn
 from sophia.torch._dtensor import check_forms as check_dtensor_forms
 from sophia.torch._fused import FUSED_DEVICES
-from sophia.torch.functional import check_fused_supports, check_not_fused_and_foreach
+from sophia.torch.functional import check_not_fused_and_foreach
 
 #: The param-group keys :func:`sophia.spec.validate` checks: its own arguments.
 SPEC_KEYS = tuple(inspect.signature(spec.validate).parameters)
@@ -58,7 +58,7 @@ def check_group(group: Group) -> None:
     """Raises ``ValueError`` for forms this group's parameters or implementation cannot take.
 
     Complex parameters take ``None`` or ``"float32"``; DTensor parameters no
-    stochastic form; ``fused=True`` what :func:`check_fused_supports` allows.
+    stochastic form.
     The group's forms become their canonical names.
     """
     canonical(group)
@@ -71,8 +71,6 @@ def check_group(group: Group) -> None:
                 "for complex parameters)"
             )
     check_dtensor_forms(params, group["mu_dtype"], group["hessian_dtype"])
-    if group.get("fused"):
-        check_fused_supports(group["mu_dtype"], group["hessian_dtype"])
 
 
 def check_fused_parameter(p: Tensor, name: Callable[[], str]) -> None:

@@ -63,20 +63,6 @@ def check_not_fused_and_foreach(fused: bool | None, foreach: bool | None) -> Non
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def check_fused_supports(mu_dtype: str | None, hessian_dtype: str | None) -> None:
-    """Raises ``ValueError`` for a narrow form the fused body does not run (yet).
-
-    The one place that says which forms ``fused=True`` (and a step traced inside
-    an outer ``torch.compile``, which uses the fused expression) accepts.
-    """
-    for name, form in (("mu_dtype", mu_dtype), ("hessian_dtype", hessian_dtype)):
-        if form is not None:
-            raise ValueError(
-                f"Invalid {name}: {form!r} with fused=True (allowed: None); fused=True does "
-                f"not run {name}={form!r} yet; use foreach"
-            )
-
-
 def sophia_g(
     params: list[Tensor],
     grads: list[Tensor],
@@ -178,8 +164,6 @@ def sophia_g(
     )
     if is_narrow(hyper) and not torch.compiler.is_compiling():
         check_state_dtypes(params, exp_avgs, hessians, hyper)
-    if fused or torch.compiler.is_compiling():
-        check_fused_supports(mu_dtype, hessian_dtype)
     if torch.compiler.is_compiling():
         # inside an outer torch.compile (e.g. of SophiaG.step) the step is traced and fused there
         body = _fused.sophia_g_under_compile

@@ -490,10 +490,6 @@ def test_an_old_state_dict_loads_as_forms_none_and_seed_zero():
         ({"hessian_dtype": torch.float16}, r"Invalid hessian_dtype: torch.float16"),
         ({"seed": -1}, r"Invalid seed: -1 \(allowed: an integer in \[0, 2\*\*32\)\)"),
         ({"seed": 1.5}, r"Invalid seed: 1.5"),
-        (
-            {"mu_dtype": "bfloat16", "fused": True},
-            r"fused=True does not run mu_dtype='bfloat16' yet; use foreach",
-        ),
     ],
 )
 def test_bad_forms_fail_naming_the_argument(kwargs, match):
