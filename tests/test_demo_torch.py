@@ -272,3 +272,31 @@ def test_both_frameworks_in_run_json_and_png(both_run):
         res["torch", "adamw"]["val_loss"], res["jax", "adamw"]["val_loss"], atol=2e-3
     )
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_stores_the_narrow_state_and_reports_its_bytes():
+    """bf16 m and block8 h in the fused demo optimizer: the state's forms, the measured bytes."""
+    from sophia import narrow
+
+    cfg = _tiny_cfg()
+    forms = dataclasses.replace(cfg.sophia, mu_dtype="bfloat16", hessian_dtype="block8")
+    plain = train_torch.make_trainer(cfg, cfg.sophia)
+    trainer = train_torch.make_trainer(dataclasses.replace(cfg, sophia=forms), forms)
+    assert all(g["mu_dtype"] == "bfloat16" for g in trainer.optimizer.param_groups)
+    assert all(g["hessian_dtype"] == "block8" for g in trainer.optimizer.param_groups)
+    assert all(g["seed"] == cfg.seed for g in trainer.optimizer.param_groups)
+    rng = np.random.default_rng(0)
+    for t in (plain, trainer):
+        for _ in range(2):
+            x = rng.integers(0, 256, (cfg.batch_size, TINY_MODEL.block_size)).astype(np.int32)
+            assert math.isfinite(t.step(x, np.roll(x, -1, axis=1)))
+    state = trainer.optimizer.state[trainer.model.wte.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["hessian"].dtype == torch.int8
+    assert state["hessian_scale"].numel() == narrow.block_count(trainer.model.wte.weight.numel())
+    assert bool((state["hessian"] != 0).any())  # refreshed at step 0
+    # measured from the state: smaller than float32's by what the forms say, to the byte
+    sizes = [p.numel() for p in trainer.params]
+    want = sum(
+        narrow.state_bytes(n, "bfloat16", 4) + narrow.state_bytes(n, "block8", 4) for n in sizes
+    )
+    assert plain.opt_state_bytes() - trainer.opt_state_bytes() == 8 * sum(sizes) - want > 0
