@@ -48,6 +48,10 @@ __all__ = [
     "BLOCK8",
     "BLOCK_SIZE",
     "HESSIAN_DTYPES",
+    "INDEX_SPREAD",
+    "MASK32",
+    "MIX_MUL1",
+    "MIX_MUL2",
     "MU_DTYPES",
     "STREAM_HESSIAN",
     "STREAM_MU",
@@ -57,6 +61,7 @@ __all__ = [
     "decode_block8",
     "encode",
     "encode_block8",
+    "mix32",
     "random_bits",
     "round_bfloat16",
     "state_dtype_name",
@@ -78,23 +83,25 @@ CODE_MAX = 127
 STREAM_MU = 0
 STREAM_HESSIAN = 1
 
-_MASK = 0xFFFFFFFF
-# Odd multipliers below 2**31: a product with a 32-bit value stays below 2**63, so
-# frameworks without unsigned 32-bit multiplication (torch) compute it exactly in
-# int64 before masking.
-_MUL1 = 0x7FEB352D
-_MUL2 = 0x2C1B3C6D
-# 2**32 / golden ratio, negated (odd, below 2**31): spreads consecutive indices over
-# all 32 bits before mixing, which a xorshift-multiply alone does badly for small inputs.
-_SPREAD = 0x61C88647
+#: The random bits' arithmetic is modulo ``2**32``: every product is masked with this.
+MASK32 = 0xFFFFFFFF
+#: The multipliers of :func:`mix32`: odd and below ``2**31``, so that a product with a
+#: 32-bit value stays below ``2**63`` and frameworks without unsigned 32-bit
+#: multiplication (torch) compute it exactly in int64 before masking.
+MIX_MUL1 = 0x7FEB352D
+MIX_MUL2 = 0x2C1B3C6D
+#: ``2**32`` over the golden ratio, negated (odd, below ``2**31``): spreads consecutive
+#: indices over all 32 bits before mixing, which a xorshift-multiply alone does badly
+#: for small inputs.
+INDEX_SPREAD = 0x61C88647
 
 
-def _mix32(x: np.ndarray) -> np.ndarray:
+def mix32(x: np.ndarray) -> np.ndarray:
     """A bijection of 32-bit values (xorshift-multiply rounds), on uint64 arrays."""
     x = x ^ (x >> np.uint64(16))
-    x = (x * np.uint64(_MUL1)) & np.uint64(_MASK)
+    x = (x * np.uint64(MIX_MUL1)) & np.uint64(MASK32)
     x = x ^ (x >> np.uint64(15))
-    x = (x * np.uint64(_MUL2)) & np.uint64(_MASK)
+    x = (x * np.uint64(MIX_MUL2)) & np.uint64(MASK32)
     return x ^ (x >> np.uint64(16))
 
 
@@ -103,18 +110,18 @@ def random_bits(seed: int, step: int, stream: int, shape: Any) -> np.ndarray:
 
     ``key = mix(seed ^ mix(4 * step + stream))`` (all modulo ``2**32``), then
     ``bits[i] = mix(key ^ (i * 0x61C88647))`` for the C-order index ``i``, where ``mix`` is
-    :func:`_mix32`: ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+    :func:`mix32`: ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
     x *= 0x2C1B3C6D; x ^= x >> 16``, each product modulo ``2**32``.
 
     Returns:
       uint32 array of ``shape``.
     """
-    mask = np.uint64(_MASK)
-    counter = np.array([(4 * int(step) + int(stream)) & _MASK], dtype=np.uint64)
-    key = _mix32(np.uint64(int(seed) & _MASK) ^ _mix32(counter))
+    mask = np.uint64(MASK32)
+    counter = np.array([(4 * int(step) + int(stream)) & MASK32], dtype=np.uint64)
+    key = mix32(np.uint64(int(seed) & MASK32) ^ mix32(counter))
     n = int(np.prod(shape, dtype=np.int64))
-    index = ((np.arange(n, dtype=np.uint64) & mask) * np.uint64(_SPREAD)) & mask
-    return _mix32(key ^ index).astype(np.uint32).reshape(shape)
+    index = ((np.arange(n, dtype=np.uint64) & mask) * np.uint64(INDEX_SPREAD)) & mask
+    return mix32(key ^ index).astype(np.uint32).reshape(shape)
 
 
 def round_bfloat16(x: np.ndarray, bits: np.ndarray) -> np.ndarray:

@@ -40,19 +40,19 @@ __all__ = [
 _U32 = jnp.uint32
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """The spec's 32-bit mix (:func:`sophia.narrow._mix32`); uint32 products wrap as masked ones."""
+def mix32(x: jax.Array) -> jax.Array:
+    """The spec's 32-bit mix (:func:`sophia.narrow.mix32`); uint32 products wrap as masked ones."""
     x = x ^ (x >> _U32(16))
-    x = x * _U32(narrow._MUL1)
+    x = x * _U32(narrow.MIX_MUL1)
     x = x ^ (x >> _U32(15))
-    x = x * _U32(narrow._MUL2)
+    x = x * _U32(narrow.MIX_MUL2)
     return x ^ (x >> _U32(16))
 
 
 def _as_u32(value: Any) -> jax.Array:
     """A Python int (modulo ``2**32``) or an integer array (possibly traced) as uint32."""
     if isinstance(value, (int, np.integer)):
-        return jnp.asarray(int(value) & narrow._MASK, _U32)
+        return jnp.asarray(int(value) & narrow.MASK32, _U32)
     return jnp.asarray(value).astype(_U32)
 
 
@@ -72,12 +72,12 @@ def random_bits(seed: Any, step: Any, stream: int, shape: Any) -> jax.Array:
         counter = _as_u32(4 * int(step) + stream)
     else:
         counter = _as_u32(step) * _U32(4) + _U32(stream)
-    key = _mix32(_as_u32(seed) ^ _mix32(counter))
+    key = mix32(_as_u32(seed) ^ mix32(counter))
     n = 1
     for d in shape:
         n *= int(d)
-    index = jax.lax.iota(_U32, n) * _U32(narrow._SPREAD)
-    return _mix32(key ^ index).reshape(shape)
+    index = jax.lax.iota(_U32, n) * _U32(narrow.INDEX_SPREAD)
+    return mix32(key ^ index).reshape(shape)
 
 
 def round_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:

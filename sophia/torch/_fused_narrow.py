@@ -114,8 +114,8 @@ def fused_update_narrow(
     u = torch.where(q > 1, 1.0, torch.where(q < -1, -1.0, q)) + t * weight_decay
     param.copy_(t - u * lr)
     if stochastic_mu:
-        spread = ((index & narrow._MASK) * narrow._SPREAD) & narrow._MASK
-        bits = _narrow._mix32(key ^ spread)
+        spread = ((index & narrow.MASK32) * narrow.INDEX_SPREAD) & narrow.MASK32
+        bits = _narrow.mix32(key ^ spread)
         m.copy_(_narrow.round_bfloat16(mc.to(torch.float32), bits))
     else:
         m.copy_(mc)

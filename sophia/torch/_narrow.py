@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sophia import narrow
-from sophia.narrow import _MASK, _MUL1, _MUL2, _SPREAD, BLOCK8, BLOCK_SIZE, CODE_MAX
+from sophia.narrow import BLOCK8, BLOCK_SIZE, CODE_MAX, INDEX_SPREAD, MASK32, MIX_MUL1, MIX_MUL2
 
 __all__ = [
     "Stored",
@@ -56,12 +56,12 @@ def storage_dtype(form: str | None, param_dtype: torch.dtype) -> torch.dtype:
     return _TORCH_FORMS[form]
 
 
-def _mix32(x: Tensor | int) -> Any:
-    """The spec's ``_mix32`` on int64 tensors (or Python ints) holding 32-bit values."""
+def mix32(x: Tensor | int) -> Any:
+    """The spec's ``mix32`` on int64 tensors (or Python ints) holding 32-bit values."""
     x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK
+    x = (x * MIX_MUL1) & MASK32
     x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK
+    x = (x * MIX_MUL2) & MASK32
     return x ^ (x >> 16)
 
 
@@ -78,14 +78,14 @@ def stream_key(seed: int, step: int | Tensor, stream: int) -> int | Tensor:
         if step.device.type == "cpu" and not torch.compiler.is_compiling():
             step = int(step.item())
         else:
-            counter = (step.detach().to(torch.int64) * 4 + stream) & _MASK
-            return _mix32((int(seed) & _MASK) ^ _mix32(counter))
-    return _mix32((int(seed) & _MASK) ^ _mix32((4 * int(step) + stream) & _MASK))
+            counter = (step.detach().to(torch.int64) * 4 + stream) & MASK32
+            return mix32((int(seed) & MASK32) ^ mix32(counter))
+    return mix32((int(seed) & MASK32) ^ mix32((4 * int(step) + stream) & MASK32))
 
 
 def bits_at(key: int | Tensor, index: Tensor) -> Tensor:
     """The bits of the coordinates ``index`` (int64) of the stream ``key`` (or one key each)."""
-    return _mix32(key ^ (((index & _MASK) * _SPREAD) & _MASK))
+    return mix32(key ^ (((index & MASK32) * INDEX_SPREAD) & MASK32))
 
 
 def bits_of_key(key: int | Tensor, n: int, device: torch.device, offset: int = 0) -> Tensor:
@@ -131,8 +131,8 @@ def round_bfloat16(x: Tensor, bits: Tensor) -> Tensor:
     NaN rounds to nearest (a bfloat16 NaN).
     """
     x = x.to(torch.float32)
-    pattern = x.view(torch.int32).to(torch.int64) & _MASK
-    rounded = (((pattern + (bits >> 16)) >> 16) << 16) & _MASK
+    pattern = x.view(torch.int32).to(torch.int64) & MASK32
+    rounded = (((pattern + (bits >> 16)) >> 16) << 16) & MASK32
     # back to the int32 of that bit pattern (two's complement), exactly
     signed = rounded - ((rounded >> 31) << 32)
     out = signed.to(torch.int32).view(torch.float32).to(torch.bfloat16)

@@ -42,7 +42,7 @@ struct Coeffs {
   C b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr;
 };
 
-// sophia.narrow._mix32 on uint32_t, whose products wrap modulo 2**32 as the spec's masks do.
+// sophia.narrow.mix32 on uint32_t, whose products wrap modulo 2**32 as the spec's masks do.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
