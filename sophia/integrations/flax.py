@@ -52,28 +52,18 @@ from flax import nnx, serialization
 from flax.training import train_state
 
 import sophia.jax as sj
+from sophia.jax.restore import upgrade_fields
 
 __all__ = ["TrainState", "diagnostics", "logits_fn"]
 
 
-#: Fields of a version-1 ScaleBySophiaState (``sj.STATE_LAYOUT_VERSION``) that held
-#: configuration; version 2 keeps it in the transform.
-_V1_CONFIG_FIELDS = ("b2", "rho0", "dynamic", "bs", "eps", "step_diagnostics", "bs_from_refresh")
 _restore_any_namedtuple = serialization._STATE_DICT_REGISTRY[serialization._NamedTuple][1]  # noqa: SLF001
 
 
 def _restore_namedtuple(target: Any, state: dict[str, Any]) -> Any:
     """Flax's NamedTuple restore, reading Sophia states saved in layout version 1 too."""
-    if isinstance(target, sj.ScaleBySophiaState) and "rho0" in state:
-        v2 = set(target._fields) - {"label_count"}
-        if set(state) != v2 | set(_V1_CONFIG_FIELDS):
-            raise ValueError(
-                f"sophia: a saved ScaleBySophiaState with fields {sorted(state)} is neither "
-                f"layout version 1 nor {sj.STATE_LAYOUT_VERSION} (fields {list(target._fields)})"
-            )
-        # Version 1 kept the bs in force as a field: the label count a bs=None state follows.
-        follows = target.label_count is not None
-        state = {k: state[k] for k in v2} | {"label_count": state["bs"] if follows else None}
+    if isinstance(target, sj.ScaleBySophiaState):
+        state = upgrade_fields(state, target)
     return _restore_any_namedtuple(target, state)
 
 

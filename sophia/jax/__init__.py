@@ -23,6 +23,7 @@ from sophia.jax.estimators import (
 )
 from sophia.jax.param_dtype import to_param_dtype
 from sophia.jax.real_pairs import add_decayed_weights, on_real_pairs, scale_by_learning_rate
+from sophia.jax.restore import state_from_raw
 from sophia.jax.state import (
     STATE_LAYOUT_VERSION,
     Estimate,
@@ -51,6 +52,7 @@ __all__ = [
     "scale_by_sophia",
     "sophia_g",
     "sophia_h",
+    "state_from_raw",
     "to_param_dtype",
     "update_hessian",
 ]
