@@ -7,11 +7,18 @@ the float32 run's (the target: within 0.01 nats). One framework also trains
 ``long_factor`` times longer per form (the schedule stretched with it), for
 drift that only builds up over many refreshes. The optimizer-state bytes are
 the demo's own measurement of the trained optimizer's state.
+
+One run's difference mixes the form's effect with the chaotic divergence any
+perturbation of a training run causes; ``seeds > 1`` repeats the runs at the
+demo seeds ``0 .. seeds-1`` (each seed its own weights, batches, label
+sampling and rounding), so a form's mean difference over seeds can be read
+against its spread and against float32's own spread across seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,6 +92,28 @@ def run_forms(
     return {"runs": runs, "missing": missing}
 
 
+def over_seeds(records: Sequence[dict[str, Any]], forms: Sequence[str]) -> dict[str, Any]:
+    """Each form's final losses and differences to float32 over the seeds' records.
+
+    Returns:
+      ``final_val`` and ``minus_f32`` per form (one value per seed that ran),
+      the mean and sample standard deviation of ``minus_f32``, and ``f32_std``,
+      float32's own spread of final losses across seeds.
+    """
+    out: dict[str, Any] = {"final_val": {}, "minus_f32": {}, "mean_minus_f32": {}}
+    out["std_minus_f32"] = {}
+    for form in forms:
+        runs = [r["runs"][form] for r in records if form in r["runs"]]
+        out["final_val"][form] = [r["final_val"] for r in runs]
+        diffs = [r["final_val_minus_f32"] for r in runs if "final_val_minus_f32" in r]
+        out["minus_f32"][form] = diffs
+        out["mean_minus_f32"][form] = statistics.fmean(diffs) if diffs else None
+        out["std_minus_f32"][form] = statistics.stdev(diffs) if len(diffs) > 1 else None
+    f32 = out["final_val"].get(forms[0], [])
+    out["f32_std"] = statistics.stdev(f32) if len(f32) > 1 else None
+    return out
+
+
 def quality(
     cfg: RunConfig,
     frameworks: Sequence[str],
@@ -92,16 +121,27 @@ def quality(
     long_framework: str | None,
     long_factor: int,
     log: Callable[[str], None],
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Each framework's runs at ``cfg``; ``long_framework``'s at ``long_factor`` x the steps."""
+    """Each framework's runs at ``cfg``; ``long_framework``'s at ``long_factor`` x the steps.
+
+    With ``seeds > 1`` each framework's runs repeat at seeds ``0 .. seeds-1``
+    (:func:`over_seeds`); the records are seed 0's, the long runs seed 0 only.
+    """
     out: dict[str, Any] = {
         "preset_steps": cfg.steps,
         "target_nats": TARGET_NATS,
+        "seeds": seeds,
         "frameworks": {},
     }
     for fw in frameworks:
-        log(f"quality: {fw}, {cfg.steps} steps per form")
-        out["frameworks"][fw] = run_forms(cfg, fw, forms, log)
+        records = []
+        for seed in range(seeds):
+            log(f"quality: {fw}, {cfg.steps} steps per form, seed {seed}")
+            records.append(run_forms(dataclasses.replace(cfg, seed=seed), fw, forms, log))
+        out["frameworks"][fw] = records[0]
+        if seeds > 1:
+            out["frameworks"][fw]["over_seeds"] = over_seeds(records, forms)
     if long_framework:
         long_cfg = stretched(cfg, long_factor)
         log(f"quality: {long_framework}, {long_cfg.steps} steps per form (x{long_factor})")

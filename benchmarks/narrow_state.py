@@ -193,6 +193,19 @@ def print_tables(out: dict[str, Any]) -> None:
                 )
             for form, e in rec["missing"].items():
                 print(f"missing {label} {form}: {e}")
+        seeded = [(fw, rec["over_seeds"]) for fw, rec in blocks if "over_seeds" in rec]
+        if seeded:
+            print(f"\nover seeds 0..{q['seeds'] - 1}: final val - f32's, mean +- std (per seed)")
+            print("| run | form | mean - f32 | std | per seed | f32 spread (std) |")
+            print("|---|---|---|---|---|---|")
+            for fw, o in seeded:
+                for form in list(FORMS)[1:]:
+                    per_seed = ", ".join(f"{d:+.4f}" for d in o["minus_f32"][form])
+                    print(
+                        f"| {fw} | {form} | {fmt(o['mean_minus_f32'][form], '+.4f')} | "
+                        f"{fmt(o['std_minus_f32'][form], '.4f')} | {per_seed} | "
+                        f"{fmt(o['f32_std'], '.4f')} |"
+                    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--frameworks", default="jax,torch", help="the quality runs' frameworks")
     ap.add_argument("--long-framework", default="torch", help="the long run's ('' for none)")
     ap.add_argument("--long-factor", type=int, default=5, help="the long run's step multiple")
+    ap.add_argument("--seeds", type=int, default=1, help="the quality runs' seeds 0..N-1")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -227,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         frameworks = [f for f in args.frameworks.split(",") if f]
         out["quality"] = {
             "preset": preset,
-            **quality(cfg, frameworks, list(FORMS), args.long_framework, args.long_factor, log),
+            **quality(
+                cfg, frameworks, list(FORMS), args.long_framework, args.long_factor, log, args.seeds
+            ),
         }
     out["loadavg_end"] = list(os.getloadavg())
     out["elapsed_s"] = time.perf_counter() - t0

@@ -103,3 +103,24 @@ def test_quality_runs_each_form_in_both_frameworks_and_a_long_one(result):
         per_param = [runs[f]["state_bytes_per_param"] for f in FORMS]
         assert 8 <= per_param[0] and per_param[0] - 4 == pytest.approx(per_param[1], abs=0.01)
         assert per_param[2] == pytest.approx(3 + 4 / narrow.BLOCK_SIZE + per_param[0] - 8, abs=0.01)
+
+
+def test_over_seeds_summarizes_each_forms_differences(result):
+    """--seeds: per-seed differences to float32 at the same seed, their mean and spread."""
+    del result  # loading the script put benchmarks/ on sys.path, where its parts live
+    from narrow_quality import over_seeds
+
+    def record(f32, bf16):
+        return {
+            "runs": {
+                "f32": {"final_val": f32, "final_val_minus_f32": 0.0},
+                "bf16": {"final_val": bf16, "final_val_minus_f32": bf16 - f32},
+            }
+        }
+
+    out = over_seeds([record(2.0, 2.5), record(3.0, 3.0), record(4.0, 4.25)], ["f32", "bf16"])
+    assert out["minus_f32"]["bf16"] == [0.5, 0.0, 0.25]
+    assert out["mean_minus_f32"]["bf16"] == 0.25
+    assert out["std_minus_f32"]["bf16"] == 0.25  # sqrt((0.0625 + 0.0625 + 0) / 2)
+    assert out["f32_std"] == 1.0
+    assert over_seeds([record(2.0, 2.5)], ["f32", "bf16"])["std_minus_f32"]["bf16"] is None
