@@ -101,19 +101,37 @@ def test_block8_round_trip_keeps_zero_sign_and_the_largest_magnitude():
     assert (np.sign(back) * np.sign(x) >= 0).all()  # never the opposite sign
     for b in (1, 2):
         part = slice(256 * b, min(256 * (b + 1), 600))
-        assert block.scale[b] == np.float32(np.abs(x[part]).max() / np.float32(127))
-        assert np.abs(back[part] - x[part]).max() <= block.scale[b] * (1 + 1e-6)
+        absmax = np.abs(x[part]).max()
+        assert block.scale[b] == np.float32(absmax / np.float32(127 * 127))
+        # square-root codes: |x| between the levels a*a and (a+1)**2 of the scale
+        level = np.abs(x[part]) / block.scale[b]
+        a = np.floor(np.sqrt(level))
+        c = np.abs(block.codes[part].astype(np.float64))
+        assert ((c == a) | (c == a + 1) | ((a == 127) & (c == 127))).all()
+        assert np.abs(back[part]).max() <= absmax * (1 + 1e-6)
+
+
+def test_block8_codes_are_dense_near_zero():
+    """Square-root codes: the step between levels grows with the level (2|c| + 1 scales)."""
+    x = np.float32([1.0, 1e-4, 0.25])
+    block = narrow.encode_block8(x, narrow.random_bits(0, 0, 1, x.shape))
+    scale = float(block.scale[0])
+    assert block.codes[0] == 127 and scale == np.float32(1.0) / np.float32(16129)
+    # 1e-4 is 1.61 levels of 1/16129: coded 1 or 2, within one level, not rounded to zero
+    assert block.codes[1] in (1, 2)
+    assert block.codes[2] in (63, 64)  # 0.25 * 16129 = 4032.25, between 63**2 and 64**2
 
 
 def test_block8_rounding_is_unbiased():
-    x = np.float32([0.3, -0.7, 1.0, 1e-3, -1e-3, 0.5013])  # scale = 1/127
+    x = np.float32([0.3, -0.7, 1.0, 1e-3, -1e-3, 0.5013, 3e-5])  # scale = 1/16129
     steps = 3000
     total = sum(
         narrow.decode_block8(narrow.encode_block8(x, narrow.random_bits(2, t, 1, x.shape)))
         for t in range(steps)
     )
-    scale = np.float32(1) / np.float32(127)
-    assert np.abs(total / steps - x).max() < 5 * 0.5 * scale / math.sqrt(steps)
+    scale = np.float32(1) / np.float32(127 * 127)
+    gap = (2 * np.floor(np.sqrt(np.abs(x) / scale)) + 1) * scale  # between the two levels
+    assert (np.abs(total / steps - x) < 5 * 0.5 * gap / math.sqrt(steps)).all()
 
 
 def test_block8_non_finite_block_decodes_to_nan_and_others_are_untouched():
