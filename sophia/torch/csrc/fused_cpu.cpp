@@ -11,8 +11,9 @@
 // fused_step_narrow_ is the same pass over narrow state (sophia/narrow.py):
 // exp_avg stored as float32 or bfloat16 (rounded stochastically with the
 // spec's counter-based hash, in uint32_t), hessian read from float32, bfloat16
-// or 8-bit codes times their block's float32 scale. Both are converted element
-// by element inside the loop, so no full-size float32 copy of m or h is made.
+// or 8-bit square-root codes c, as c |c| times their block's float32 scale.
+// Both are converted element by element inside the loop, so no full-size
+// float32 copy of m or h is made.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -85,7 +86,11 @@ int32_t update_range(T* __restrict p, const T* __restrict g, M* __restrict m,
         static_cast<C>(m[i]) * c.b1 + static_cast<C>(g[i]) * c.signed_one_minus_b1;
     C hv;
     if constexpr (std::is_same_v<H, int8_t>) {
-      hv = static_cast<C>(static_cast<float>(h[i]) * scale);  // decoded in float32, as the spec
+      // square-root codes: (c |c|) scale, decoded in float32 as the spec does; c |c| is an
+      // integer of at most 127**2, exact in float32, so the product with the scale is the
+      // one rounding
+      const float code = static_cast<float>(h[i]);
+      hv = static_cast<C>((code * std::fabs(code)) * scale);
     } else {
       hv = static_cast<C>(h[i]);
     }
