@@ -6,7 +6,8 @@ compute dtype. With a narrow form (:mod:`sophia.narrow`) they read a piece's
 update, and store the new momentum with :func:`store_momentum`; the update
 itself has read the unrounded momentum, as the spec says. A piece is a whole
 tensor or a flat slice of one, so the random bits and block scales are taken
-at the piece's offset in its tensor. The Hessian EMA writes ``h`` with
+at the piece's offset in its tensor. The Hessian EMA writes ``h`` with the
+native op on the CPU (:mod:`sophia.torch._native`), elsewhere with
 :func:`narrow_hessian_ema`, one tensor at a time.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from sophia import narrow
 from sophia.torch import _narrow as tn
+from sophia.torch import _native
 from sophia.torch._scalars import Hyperparameters, Scalar, compute_dtype, ema_rates
 
 
@@ -158,7 +160,12 @@ def narrow_hessian_emas(
     seed: int,
     scales: list[Tensor] | None,
 ) -> None:
-    """:func:`sophia.torch.functional.hessian_ema` with ``hessian_dtype``: tensor by tensor."""
+    """:func:`sophia.torch.functional.hessian_ema` with ``hessian_dtype``.
+
+    CPU tensors take the native op (:func:`sophia.torch._native.hessian_ema_narrow_op`),
+    one call per compute dtype, where it is built; the others, and all where it
+    is not, take :func:`narrow_hessian_ema` tensor by tensor. Both give the same bits.
+    """
     k = len(hs)
     for name, xs, needed in (
         ("param_dtypes", param_dtypes, True),
@@ -168,9 +175,52 @@ def narrow_hessian_emas(
         if needed and (xs is None or len(xs) != k):
             raise ValueError(f"hessian_ema: hessian_dtype={form!r} needs one {name} per Hessian")
     assert param_dtypes is not None
+    steps = state_steps if state_steps is not None else [0] * k
+    blocks = scales if scales is not None else [None] * k
+    op = _native.hessian_ema_narrow_op() if any(h.device.type == "cpu" for h in hs) else None
+    native: dict[torch.dtype, list[int]] = {}
     for i, (h, e) in enumerate(zip(hs, es)):
         compute = compute_dtype(param_dtypes[i])
-        step = state_steps[i] if state_steps is not None else 0
-        scale = scales[i] if scales is not None else None
+        if op is not None and _native_takes(h, e, blocks[i], steps[i], form):
+            native.setdefault(compute, []).append(i)
+            continue
         rates = ema_rates(beta2, compute, h.device)
-        narrow_hessian_ema(h, scale, e, rates, compute, form, seed, step)
+        narrow_hessian_ema(h, blocks[i], e, rates, compute, form, seed, steps[i])
+    for compute, idx in native.items():
+        rates = ema_rates(beta2, compute, torch.device("cpu"))
+        with torch.no_grad():
+            op(
+                [hs[i] for i in idx],
+                [blocks[i] for i in idx] if form == narrow.BLOCK8 else [],
+                [es[i].detach().contiguous() for i in idx],
+                [_step_index(steps[i]) for i in idx],
+                torch.stack([torch.as_tensor(r, dtype=compute) for r in rates]),
+                int(seed) & narrow.MASK32,
+            )
+
+
+#: The Hessian dtype each form stores, as the native EMA reads it.
+_NATIVE_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, narrow.BLOCK8: torch.int8}
+#: The estimate dtypes the native EMA reads.
+_NATIVE_ESTIMATES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _native_takes(
+    h: Tensor, e: Tensor, scale: Tensor | None, step: Tensor | int, form: str
+) -> bool:
+    """Whether the native EMA takes this Hessian: everything on the CPU, ``h`` contiguous."""
+    cpu = [h, e] + ([scale] if scale is not None else [])
+    if isinstance(step, Tensor):
+        cpu.append(step)
+    return (
+        all(x.device.type == "cpu" for x in cpu)
+        and h.is_contiguous()
+        and h.dtype == _NATIVE_STORAGE.get(form)
+        and e.dtype in _NATIVE_ESTIMATES
+        and (scale is None or (scale.is_contiguous() and scale.dtype == torch.float32))
+    )
+
+
+def _step_index(step: Tensor | int) -> int:
+    """A step counter (CPU tensor or int) as the int it holds."""
+    return int(step.item()) if isinstance(step, Tensor) else int(step)

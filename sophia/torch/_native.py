@@ -1,16 +1,19 @@
-"""The native fused CPU kernel (``csrc/fused_cpu.cpp``), built on first use.
+"""The native CPU kernels (``csrc/``), built on first use.
 
 ``fused=True`` on CPU runs one C++ pass over every tensor of a (device, dtype)
 group: read ``param, grad, exp_avg, hessian``, write ``param, exp_avg``, spread
 over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
-CPU kernel; a second op of the same build takes the narrow state
-(:mod:`sophia.narrow`). The source is compiled with ``torch.utils.cpp_extension`` (a C++17
-compiler and ninja are needed) into torch's extension cache the first time it
-is needed, and loaded from there afterwards. Where it cannot be
-built, :func:`fused_step_op` warns once and returns ``None``, and the fused path
-uses its ``torch.compile``-d kernel instead; both give the same bits.
+CPU kernel (``fused_cpu.cpp``); a second op of the same build takes the narrow
+state (:mod:`sophia.narrow`). A third (``ema_cpu.cpp``) writes the Hessian EMA
+of ``update_hessian`` into a narrow ``hessian_dtype``, whatever ``fused`` says.
+The sources are compiled with ``torch.utils.cpp_extension`` (a C++17 compiler
+and ninja are needed) into torch's extension cache the first time they are
+needed, and loaded from there afterwards. Where they cannot be built,
+:func:`fused_step_op` warns once and returns ``None``, and the fused path uses
+its ``torch.compile``-d kernel instead, the EMA its eager code; all give the
+same bits.
 
-Set ``SOPHIA_TORCH_NATIVE=0`` to skip the native kernel.
+Set ``SOPHIA_TORCH_NATIVE=0`` to skip the native kernels.
 """
 
 from __future__ import annotations
@@ -26,11 +29,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_step_narrow_op", "fused_step_op", "native_enabled"]
+__all__ = ["fused_step_narrow_op", "fused_step_op", "hessian_ema_narrow_op", "native_enabled"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
-#: Rounding must be operation by operation (see the source's header comment).
-_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
+_CSRC = Path(__file__).parent / "csrc"
+#: The step kernels and the narrow Hessian EMA; ``narrow.h`` holds what they share.
+_SOURCES = [_CSRC / "fused_cpu.cpp", _CSRC / "ema_cpu.cpp"]
+#: Rounding must be operation by operation (see the sources' header comments).
+#: ``-fno-math-errno`` changes no result (``sqrt`` stays correctly rounded); it
+#: only spares a ``sqrt`` the errno check that keeps a loop from vectorising.
+_CFLAGS = [
+    "-O3",
+    "-std=c++17",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fno-math-errno",
+    "-fopenmp",
+]
 #: Vector ISA flags per ``torch.backends.cpu.get_cpu_capability()``: the kernel is
 #: built for what torch itself dispatches to on this CPU, not for ``-march=native``,
 #: so a cached build never runs instructions a machine lacks.
@@ -83,7 +97,8 @@ def _build() -> Any:
     with _ninja_on_path():
         cpp_extension.load(
             name=f"sophia_native_{capability.lower()}",
-            sources=[str(_SOURCE)],
+            sources=[str(x) for x in _SOURCES],
+            extra_include_paths=[str(_CSRC)],
             extra_cflags=_CFLAGS + isa,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -112,9 +127,10 @@ def fused_step_op() -> Any:
             except Exception as e:  # no compiler, no ninja, a read-only cache, ...
                 _state["op"] = None
                 warnings.warn(
-                    "SophiaG: the native fused CPU kernel could not be built "
+                    "SophiaG: the native CPU kernels could not be built "
                     f"({type(e).__name__}: {str(e).strip()[:300]}); fused=True on CPU "
-                    "uses the torch.compile kernel instead (same results, slower).",
+                    "uses the torch.compile kernel instead, and a narrow hessian_dtype's "
+                    "EMA its eager code (same results, slower).",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -137,3 +153,24 @@ def fused_step_narrow_op() -> Any:
     if fused_step_op() is None:
         return None
     return torch.ops.sophia_native.fused_step_narrow_
+
+
+def hessian_ema_narrow_op() -> Any:
+    """``torch.ops.sophia_native.hessian_ema_narrow_``, the native narrow Hessian EMA.
+
+    Built with :func:`fused_step_op` (``None`` where that is). The op takes
+    ``(hessians, hessian_scales, estimates, steps, rates, seed)`` and returns
+    nothing: ``h <- b2 h + (1 - b2) h_hat`` for every Hessian, as
+    :func:`sophia.spec.hessian_ema` computes it in the compute dtype of
+    ``rates`` (``(b2, 1 - b2)``, float32 or float64) and stores it in the
+    form the Hessians' dtype names: float32 (round to nearest), bfloat16
+    (stochastic) or int8 codes of ``"block8"`` with their float32 scales in
+    ``hessian_scales`` (one tensor per Hessian; empty otherwise), rounded
+    with the Hessian stream's bits of ``seed`` and each Hessian's ``steps``
+    entry (the index of the step the refresh starts). Every tensor is a
+    contiguous CPU tensor; ``estimates`` are float32, float64, bfloat16 or
+    float16, one of each Hessian's size.
+    """
+    if fused_step_op() is None:
+        return None
+    return torch.ops.sophia_native.hessian_ema_narrow_

@@ -22,6 +22,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "narrow.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,42 +32,20 @@
 
 namespace {
 
-// Elements per work item: big enough that a thread streams, small enough that
-// a model's many tensors of very different sizes spread evenly over the threads.
-// A multiple of the 8-bit form's block, so that every item starts a block.
-constexpr int64_t kChunk = int64_t{1} << 16;
-// sophia.narrow.BLOCK_SIZE, and its log2.
-constexpr int64_t kBlock = 256;
-constexpr int kBlockShift = 8;
+using sophia_native::bits_at;
+using sophia_native::decode_block8;
+using sophia_native::Item;
+using sophia_native::kBlock;
+using sophia_native::kBlockShift;
+using sophia_native::kChunk;
+using sophia_native::round_bfloat16;
+using sophia_native::stream_key;
+using sophia_native::work_items;
 
 template <typename C>
 struct Coeffs {
   C b1, signed_one_minus_b1, rho_bs, eps, weight_decay, lr;
 };
-
-// sophia.narrow.mix32 on uint32_t, whose products wrap modulo 2**32 as the spec's masks do.
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x2C1B3C6Du;
-  return x ^ (x >> 16);
-}
-
-// The key of sophia.narrow.random_bits(seed, step, stream, ...): mix(seed ^ mix(4 step + stream)).
-inline uint32_t stream_key(uint32_t seed, int64_t step, uint32_t stream) {
-  return mix32(seed ^ mix32(static_cast<uint32_t>(4 * step) + stream));
-}
-
-// sophia.narrow.round_bfloat16: the float32 pattern plus the top 16 random bits,
-// truncated to 16 bits. The uint32_t sum wraps only for NaN patterns, which take
-// the round-to-nearest conversion instead.
-inline c10::BFloat16 round_bfloat16(float x, uint32_t bits) {
-  uint32_t pattern;
-  std::memcpy(&pattern, &x, sizeof pattern);
-  const auto top = static_cast<uint16_t>((pattern + (bits >> 16)) >> 16);
-  return std::isnan(x) ? c10::BFloat16(x) : c10::BFloat16(top, c10::BFloat16::from_bits());
-}
 
 // How exp_avg is stored: cast to its dtype (round to nearest) or, for the
 // "bfloat16" form, rounded stochastically.
@@ -86,11 +66,7 @@ int32_t update_range(T* __restrict p, const T* __restrict g, M* __restrict m,
         static_cast<C>(m[i]) * c.b1 + static_cast<C>(g[i]) * c.signed_one_minus_b1;
     C hv;
     if constexpr (std::is_same_v<H, int8_t>) {
-      // square-root codes: (c |c|) scale, decoded in float32 as the spec does; c |c| is an
-      // integer of at most 127**2, exact in float32, so the product with the scale is the
-      // one rounding
-      const float code = static_cast<float>(h[i]);
-      hv = static_cast<C>((code * std::fabs(code)) * scale);
+      hv = static_cast<C>(decode_block8(h[i], scale));  // in float32, as the spec decodes
     } else {
       hv = static_cast<C>(h[i]);
     }
@@ -101,8 +77,8 @@ int32_t update_range(T* __restrict p, const T* __restrict g, M* __restrict m,
     const C u = r + t * c.weight_decay;
     p[i] = static_cast<T>(t - u * c.lr);
     if constexpr (kMu == MuStore::kStochastic) {
-      // coordinate i of the tensor, spread as sophia.narrow.random_bits does (mod 2**32)
-      const uint32_t bits = mix32(key ^ ((first + static_cast<uint32_t>(i)) * 0x61C88647u));
+      // coordinate first + i of the tensor (mod 2**32, as the spec's index)
+      const uint32_t bits = bits_at(key, first + static_cast<uint32_t>(i));
       m[i] = round_bfloat16(static_cast<float>(mc), bits);
     } else {
       m[i] = static_cast<M>(mc);
@@ -155,22 +131,6 @@ void check_lists(const std::vector<at::Tensor>& ps, at::TensorList grads,
   TORCH_CHECK(coeffs.dim() == 1 && coeffs.numel() == 6 && coeffs.device().is_cpu() &&
                   coeffs.is_contiguous(),
               "sophia fused_step_: coeffs must be 6 CPU scalars");
-}
-
-// Work items: (tensor, first element, count).
-struct Item {
-  int64_t tensor, begin, count;
-};
-
-std::vector<Item> work_items(const std::vector<at::Tensor>& ps) {
-  std::vector<Item> items;
-  for (size_t t = 0; t < ps.size(); ++t) {
-    const int64_t n = ps[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) {
-      items.push_back({static_cast<int64_t>(t), b, std::min(kChunk, n - b)});
-    }
-  }
-  return items;
 }
 
 template <typename C>

@@ -1,0 +1,229 @@
+"""The native narrow Hessian EMA (``csrc/ema_cpu.cpp``) against the NumPy spec, to the bit.
+
+``spec.hessian_ema`` with each form (float32, bfloat16, block8) for parameters
+of every floating dtype, on tensors with special values: zero blocks, blocks
+with an infinite or NaN estimate or scale, subnormals, negative (Hutchinson)
+estimates, a partial last block and a tensor spanning two work items; the op
+called directly and through ``functional.hessian_ema``; and
+``SophiaG.update_hessian`` (for-loop, foreach, fused) with the native op
+against the same optimizer on the eager fallback.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from sophia import narrow, spec
+from sophia.torch import SophiaG, _native
+from sophia.torch.functional import hessian_ema
+from tests.helpers import identical
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+TORCH_OF = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+    BF16: torch.bfloat16,
+}
+PARAM_DTYPES = [np.float32, BF16, np.float16, np.float64]
+FORMS = ["float32", "bfloat16", narrow.BLOCK8]
+#: 6 blocks and a partial one (special values block by block), and one that spans two of
+#: the op's 2**16-coordinate work items with a partial last block.
+SHAPES = [(7, 230), (70001,)]
+SEED, STEP, B2 = 0xDEADBEEF, 12345, 0.99
+
+
+@pytest.fixture(scope="module")
+def op():
+    found = _native.hessian_ema_narrow_op()
+    if found is None:
+        pytest.skip("the native CPU extension cannot be built here")
+    return found
+
+
+def to_torch(x):
+    """A torch copy of a NumPy array, bfloat16 through its bit pattern."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == BF16:
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def to_numpy(x):
+    """A NumPy copy of a tensor, bfloat16 through its bit pattern."""
+    x = x.detach().contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(BF16).copy()
+    return x.numpy().copy()
+
+
+def special_values(rng, shape, dtype):
+    """float32 values of ``shape`` whose 256-blocks hold the cases the encoding tells apart.
+
+    Block 0 ordinary, 1 zeros, 2 an inf, 3 a NaN, 4 subnormals and signed zeros, 5 a
+    value near float32's largest, the rest ordinary; negatives throughout.
+    """
+    x = (rng.normal(size=shape) * 1e-3).astype(np.float32)
+    flat = x.reshape(-1)
+    b = narrow.BLOCK_SIZE
+    if flat.size >= 6 * b:
+        flat[b : 2 * b] = 0
+        flat[2 * b + 17] = np.inf
+        flat[3 * b + 3] = np.nan
+        flat[4 * b : 5 * b] = rng.normal(size=b).astype(np.float32) * np.float32(1e-40)
+        flat[4 * b + 1 : 4 * b + 3] = [0.0, -0.0]
+        flat[5 * b + 9] = np.float32(3e38) if dtype == np.float32 else 1e4
+    flat[::11] = 0
+    return x
+
+
+def initial_h(rng, shape, form, dtype):
+    """A stored h in ``form`` with its own special blocks (NaN, inf and zero scales)."""
+    values = special_values(rng, shape, dtype)
+    if form != narrow.BLOCK8:
+        return values.astype(np.float32 if form == "float32" else BF16)
+    h = narrow.encode_block8(values, narrow.random_bits(5, 0, narrow.STREAM_HESSIAN, shape))
+    h.scale[1] = 0
+    if h.scale.size > 7:  # scales that are not finite, as a checkpoint may hold
+        h.scale[6], h.scale[7] = np.inf, np.nan
+    return h
+
+
+def same(got, want):
+    """Bits of the stored h (codes and scales for block8) against the spec's."""
+    if isinstance(want, narrow.Block8):
+        codes, scale = got
+        return np.array_equal(to_numpy(codes), want.codes) and identical(
+            to_numpy(scale), want.scale
+        )
+    return identical(to_numpy(got), np.asarray(want))
+
+
+def case(shape, dtype, form, seed=0):
+    rng = np.random.default_rng(seed)
+    h0 = initial_h(rng, shape, form, dtype)
+    estimate = special_values(rng, shape, dtype)
+    estimate.reshape(-1)[::7] *= -1  # Hutchinson's estimates may be negative
+    estimate = estimate.astype(dtype)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    want = spec.hessian_ema(
+        h0, estimate, B2, hessian_dtype=form, compute=compute, seed=SEED, step=STEP
+    )
+    return h0, estimate, want
+
+
+def stored(h0):
+    if isinstance(h0, narrow.Block8):
+        return to_torch(h0.codes), to_torch(h0.scale)
+    return to_torch(h0), None
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_op_equals_spec(op, dtype, form):
+    cases = [case(s, dtype, form, seed=i) for i, s in enumerate(SHAPES)]
+    hs, scales = zip(*(stored(h0) for h0, _, _ in cases))
+    compute = torch.float64 if dtype == np.float64 else torch.float32
+    c = np.float64 if dtype == np.float64 else np.float32
+    op(
+        list(hs),
+        list(scales) if form == narrow.BLOCK8 else [],
+        [to_torch(e) for _, e, _ in cases],
+        [STEP] * len(cases),
+        torch.tensor([c(B2), c(1) - c(B2)], dtype=compute),
+        SEED,
+    )
+    for h, scale, (_, _, want) in zip(hs, scales, cases):
+        assert same((h, scale) if scale is not None else h, want)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_functional_equals_spec(op, form):
+    """Through functional.hessian_ema: float and tensor beta2, step counters as tensors."""
+    for beta2 in (B2, torch.tensor(B2, dtype=torch.float64)):
+        cases = [case(s, BF16, form, seed=3) for s in SHAPES]
+        hs, scales = zip(*(stored(h0) for h0, _, _ in cases))
+        hessian_ema(
+            list(hs),
+            [to_torch(e) for _, e, _ in cases],
+            beta2=beta2,
+            hessian_dtype=form,
+            param_dtypes=[torch.bfloat16] * len(cases),
+            state_steps=[torch.tensor(float(STEP)) for _ in cases],
+            seed=SEED,
+            hessian_scales=list(scales) if form == narrow.BLOCK8 else None,
+        )
+        for h, scale, (_, _, want) in zip(hs, scales, cases):
+            assert same((h, scale) if scale is not None else h, want)
+
+
+def test_empty_and_zero_size(op):
+    """No tensors, and a zero-size Hessian, are no-ops."""
+    rates = torch.tensor([0.5, 0.5])
+    op([], [], [], [], rates, 0)
+    codes, scale = torch.zeros(0, dtype=torch.int8), torch.zeros(0)
+    op([codes], [scale], [torch.zeros(0)], [0], rates, 0)
+    assert codes.numel() == 0 and scale.numel() == 0
+
+
+def test_op_refuses_mismatched_inputs(op):
+    rates = torch.tensor([0.5, 0.5])
+    h, e = torch.zeros(300, dtype=torch.int8), torch.zeros(300)
+    with pytest.raises(RuntimeError, match="one scale per 256"):
+        op([h], [torch.zeros(1)], [e], [0], rates, 0)
+    with pytest.raises(RuntimeError, match="one size"):
+        op([torch.zeros(3)], [], [torch.zeros(4)], [0], rates, 0)
+    with pytest.raises(RuntimeError, match="seed"):
+        op([torch.zeros(3)], [], [torch.zeros(3)], [0], rates, 2**32)
+
+
+def train(path, form, params):
+    """Five steps with a refresh at steps 0 and 3 (estimates from the gradients)."""
+    opt = SophiaG(
+        [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}],
+        lr=1e-3,
+        bs=480,
+        mu_dtype="bfloat16",
+        hessian_dtype=form,
+        seed=7,
+        **path,
+    )
+    rng = torch.Generator().manual_seed(0)
+    for step in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=rng).to(p.dtype)
+        if step % 3 == 0:
+            opt.update_hessian(hessian=[p.grad * p.grad for p in params])
+        opt.step()
+    return opt
+
+
+PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_update_hessian_native_equals_eager(op, monkeypatch, path, form):
+    """SophiaG's refresh on the native op and on the eager fallback: the same state."""
+
+    def params():
+        g = torch.Generator().manual_seed(1)
+        shapes = [((300,), torch.float32), ((3, 7), torch.float32), ((600,), torch.bfloat16)]
+        return [torch.nn.Parameter(torch.randn(s, generator=g).to(d)) for s, d in shapes]
+
+    calls = []
+
+    def counting():
+        calls.append(1)
+        return op
+
+    monkeypatch.setattr(_native, "hessian_ema_narrow_op", counting)
+    native = train(PATHS[path], form, params())
+    assert calls, "the native EMA was not used"
+    monkeypatch.setattr(_native, "hessian_ema_narrow_op", lambda: None)
+    eager = train(PATHS[path], form, params())
+    for a, b in zip(native.state.values(), eager.state.values()):
+        assert set(a) == set(b)
+        for key in a:
+            assert same(a[key], to_numpy(b[key])), key
