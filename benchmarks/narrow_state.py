@@ -18,7 +18,14 @@ default), bfloat16 ``m`` and ``h``, bfloat16 ``m`` with a block8 ``h``.
   with each form's own bytes: :func:`narrow_variants.sophia_step_bytes`).
   All of them interleaved in one run (:func:`harness.timing.interleave`,
   rotating order), so load hits every variant alike; ratios are the medians
-  of per-round ratios.
+  of per-round ratios. A trainer refreshing every ``K = 10`` steps averages
+  ``(9 plain + 1 refreshing step) / 10``, from the same run's medians
+  (:func:`k_average`), against AdamW's step.
+* **memory** (:mod:`narrow_memory`): the peak extra resident memory of the
+  torch fused step and of the refresh alone per form, and of
+  ``AdamW(fused=True)``'s step, each in a fresh process, in bytes and bytes
+  per parameter, against one float32 copy of the largest tensor (what a
+  full-size float32 temporary of ``m`` or ``h`` would take).
 * **quality**: the demo's SophiaG run (the ``default`` preset, ``tiny`` with
   ``--small``) in each form in both frameworks, its final validation loss
   against the float32 run's (target: within 0.01 nats), and one run
@@ -41,19 +48,29 @@ from typing import Any
 # this checkout's sophia, and the harness beside this script (also when imported by path)
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import narrow_variants  # noqa: E402
 from harness import floor, shapes  # noqa: E402
 from harness.machine import host_info  # noqa: E402
 from harness.output import fmt, write_json  # noqa: E402
 from harness.stats import describe, ratio  # noqa: E402
 from harness.timing import interleave  # noqa: E402
+from narrow_memory import run_probes  # noqa: E402
+from narrow_memory import variants as memory_variants  # noqa: E402
 from narrow_quality import quality  # noqa: E402
 from narrow_variants import FORMS, floor_ms, jax_cases, torch_cases, torch_kernels  # noqa: E402
 
 from sophia.demo.config import PRESETS, RunConfig  # noqa: E402
 from sophia.demo.model import ModelConfig  # noqa: E402
 
+MEMORY_METHOD = (
+    "fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; after warm-up, the peak "
+    "RSS reset via /proc/self/clear_refs and VmHWM - VmRSS read around each call (lowest of "
+    "the memory repeats)"
+)
 RESULTS = Path(__file__).resolve().parent / "results" / "narrow_state.json"
-PARTS = ("speed", "quality")
+PARTS = ("memory", "speed", "quality")
+#: The trainer whose average step :func:`k_average` reports refreshes every K steps.
+K = 10
 
 
 #: ``--tiny``'s demo model and batch (a smoke test: its runs' time is compilation).
@@ -63,8 +80,7 @@ TINY_MODEL = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16)
 def model_table(args: argparse.Namespace) -> shapes.Shapes:
     """GPT-2 small's shapes; ``--small`` divides them by 4, ``--tiny`` keeps only the embeddings
     and the last LayerNorm of that, divided by 4 again."""
-    table = shapes.gpt2_small(args.small or args.tiny)
-    return shapes.shrink(table, 4, layers=0) if args.tiny else table
+    return narrow_variants.model_table(args.small, args.tiny)
 
 
 def quality_config(args: argparse.Namespace) -> tuple[str, RunConfig]:
@@ -124,6 +140,7 @@ def speed(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             }
     return {
         "model": {"tensors": len(table), "parameters": n, "dtype": "float32"},
+        "k_average": k_average(res, forms),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "threads": args.threads},
         "state_bytes_per_param": {"torch": t_bytes, "jax": j_bytes},
         "results": res,
@@ -137,6 +154,83 @@ def speed(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "ratios": ratios,
         "missing": {**t_missing, **j_missing},
     }
+
+
+def k_average(res: dict[str, Any], forms: list[str], k: int = K) -> dict[str, Any]:
+    """A trainer refreshing every ``k`` steps: its average step per framework and form.
+
+    ``((k-1) * plain + refreshing) / k`` of the medians of one run (torch: the
+    fused step; JAX: the jitted one), over the framework's AdamW median and over
+    float32's average (ratios of medians); ``refresh_extra_ms`` is what one
+    refresh adds to a step.
+    """
+    out: dict[str, Any] = {}
+    for fw, plain, refreshing, adamw in (
+        ("torch", "torch_fused_{}", "torch_fused_refresh_{}", "torch_adamw_fused"),
+        ("jax", "jax_{}", "jax_refresh_{}", "jax_adamw"),
+    ):
+        rows: dict[str, Any] = {}
+        for form in forms:
+            a, b = plain.format(form), refreshing.format(form)
+            if a not in res or b not in res or adamw not in res:
+                continue
+            p, r = res[a]["median_ms"], res[b]["median_ms"]
+            avg = ((k - 1) * p + r) / k
+            rows[form] = {
+                "plain_ms": p,
+                "refresh_step_ms": r,
+                "refresh_extra_ms": r - p,
+                "average_ms": avg,
+                "over_adamw": avg / res[adamw]["median_ms"],
+            }
+        f32 = rows.get(forms[0])
+        for row in rows.values():
+            row["over_f32"] = row["average_ms"] / f32["average_ms"] if f32 else None
+        if rows:
+            out[fw] = {"k": k, "adamw_ms": res[adamw]["median_ms"], "forms": rows}
+    return out
+
+
+def print_memory(mem: dict[str, Any]) -> None:
+    """The memory part's table: peak extra bytes per variant and what they compare to."""
+    probes = mem["probes"]
+    done = [r for r in probes.values() if "error" not in r]
+    if done:
+        largest = done[0]["largest_f32_tensor_bytes"]
+        print(
+            f"\npeak extra memory ({done[0]['parameters']:,} parameters; one float32 copy of "
+            f"the largest tensor: {largest / 2**20:.1f} MiB; method {done[0]['method']})"
+        )
+    print("| variant | peak extra MiB | B/param | / largest f32 tensor | no f32 temporary |")
+    print("|---|---|---|---|---|")
+    for name, r in probes.items():
+        if "error" in r:
+            print(f"| {name} | failed | | | |")
+            continue
+        none = "yes" if r["no_full_size_f32_temporary"] else "NO"
+        print(
+            f"| {name} | {r['extra_bytes'] / 2**20:.2f} | {r['extra_bytes_per_param']:.3f} | "
+            f"{r['extra_over_largest_f32']:.3f} | {none} |"
+        )
+
+
+def print_k_average(ka: dict[str, Any]) -> None:
+    """The ``k``-step trainer's average step per framework and form."""
+    for fw, rec in ka.items():
+        print(
+            f"\n{fw}: a trainer refreshing every {rec['k']} steps, average step "
+            f"(({rec['k'] - 1} plain + 1 refreshing) / {rec['k']}; AdamW {rec['adamw_ms']:.1f} ms)"
+        )
+        print(
+            "| form | plain ms | refreshing ms | refresh adds ms | average ms | / AdamW | / f32 |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for form, r in rec["forms"].items():
+            print(
+                f"| {form} | {r['plain_ms']:.1f} | {r['refresh_step_ms']:.1f} | "
+                f"{r['refresh_extra_ms']:+.1f} | {r['average_ms']:.1f} | {r['over_adamw']:.2f} | "
+                f"{fmt(r['over_f32'], '.2f')} |"
+            )
 
 
 def print_tables(out: dict[str, Any]) -> None:
@@ -176,6 +270,9 @@ def print_tables(out: dict[str, Any]) -> None:
             )
         for k, v in sp["missing"].items():
             print(f"missing {k}: {v}")
+        print_k_average(sp["k_average"])
+    if "memory" in out:
+        print_memory(out["memory"])
     if q:
         blocks = [(fw, rec) for fw, rec in q["frameworks"].items()]
         if "long" in q:
@@ -223,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--long-framework", default="torch", help="the long run's ('' for none)")
     ap.add_argument("--long-factor", type=int, default=5, help="the long run's step multiple")
     ap.add_argument("--seeds", type=int, default=1, help="the quality runs' seeds 0..N-1")
+    ap.add_argument("--memory-repeats", type=int, default=2, help="measured calls per probe")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -234,6 +332,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"machine": host_info(), "forms": FORMS}
+    if "memory" in parts:
+        size = "tiny" if args.tiny else "small" if args.small else "full"
+        log(f"memory: one fresh process per variant ({size} shapes)")
+        probes = run_probes(
+            memory_variants(list(FORMS)), size, args.warmup, args.memory_repeats, args.threads, log
+        )
+        out["memory"] = {"size": size, "probes": probes, "method": MEMORY_METHOD}
     if "speed" in parts:
         out["speed"] = speed(args, log)
     if "quality" in parts:

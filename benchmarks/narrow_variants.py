@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from harness import floor
+from harness import floor, shapes
 from harness.shapes import Shapes, n_params
 
 from sophia import narrow
@@ -37,6 +37,13 @@ FORMS: dict[str, tuple[str | None, str | None]] = {
     "bf16_block8": ("bfloat16", "block8"),
 }
 LR, WD, BS, RHO = 1e-4, 0.1, 5120, 0.04
+
+
+def model_table(small: bool, tiny: bool) -> Shapes:
+    """GPT-2 small's shapes; ``small`` divides them by 4, ``tiny`` keeps only the embeddings
+    and the last LayerNorm of that, divided by 4 again."""
+    table = shapes.gpt2_small(small or tiny)
+    return shapes.shrink(table, 4, layers=0) if tiny else table
 
 
 def form_kwargs(form: str) -> dict[str, Any]:
@@ -82,6 +89,28 @@ def torch_state_bytes(state: dict[Any, dict[str, Any]], params: list[Any]) -> in
     return total
 
 
+def torch_tensors(table: Shapes, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """float32 parameters of ``table`` with gradients, and one ``h_hat`` (nonnegative) each."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    params, h_hat = [], []
+    for shape in table.values():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, generator=gen) * 1e-2
+        params.append(p)
+        h_hat.append(torch.rand(shape, generator=gen) * 1e-4)
+    return params, h_hat
+
+
+def torch_sophia(params: list[Any], form: str, **kind: bool) -> Any:
+    """:class:`sophia.torch.SophiaG` over ``params`` in ``form`` (``kind``: ``fused=True`` ...)."""
+    from sophia.torch import SophiaG
+
+    _quiet()
+    return SophiaG(params, lr=LR, rho=RHO, weight_decay=WD, bs=BS, **kind, **form_kwargs(form))
+
+
 def torch_cases(
     table: Shapes, forms: list[str], seed: int = 0
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any], dict[str, str]]:
@@ -92,26 +121,17 @@ def torch_cases(
     """
     import torch
 
-    from sophia.torch import SophiaG
-
     _quiet()
-    gen = torch.Generator().manual_seed(seed)
-    params, h_hat = [], []
-    for shape in table.values():
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-        p.grad = torch.randn(shape, generator=gen) * 1e-2
-        params.append(p)
-        h_hat.append(torch.rand(shape, generator=gen) * 1e-4)
+    params, h_hat = torch_tensors(table, seed)
     n = n_params(table)
     calls: dict[str, Callable[[], Any]] = {}
     per_param: dict[str, Any] = {}
     missing: dict[str, str] = {}
-    common = {"lr": LR, "rho": RHO, "weight_decay": WD, "bs": BS}
     for form in forms:
         state = None  # the fused and foreach optimizers of a form share one state
         for kind in ("fused", "foreach"):
             try:
-                opt = SophiaG(params, **{kind: True}, **common, **form_kwargs(form))
+                opt = torch_sophia(params, form, **{kind: True})
                 if state is None:
                     opt.update_hessian(hessian=h_hat)
                     opt.step()  # the state exists, with a refreshed h, before any timing
@@ -124,7 +144,7 @@ def torch_cases(
             calls[f"torch_{kind}_{form}"] = opt.step
             if kind == "fused":
 
-                def refresh(opt: SophiaG = opt) -> None:
+                def refresh(opt: Any = opt) -> None:
                     opt.update_hessian(hessian=h_hat)
                     opt.step()
 

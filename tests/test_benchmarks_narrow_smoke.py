@@ -1,9 +1,10 @@
 """Smoke test of benchmarks/narrow_state.py at a tiny size: every part runs, every figure is there.
 
-No timing thresholds (the numbers depend on the machine and its load). The
-bytes are checked exactly: what the script measures from the optimizers'
-states must differ between forms by what :func:`sophia.narrow.state_bytes`
-says the forms take.
+No timing or memory thresholds (the numbers depend on the machine and its
+load; at this size the peak-memory probes only prove they run). The bytes are
+checked exactly: what the script measures from the optimizers' states must
+differ between forms by what :func:`sophia.narrow.state_bytes` says the forms
+take; the k-step average and the memory ratios are checked as arithmetic.
 """
 
 from __future__ import annotations
@@ -103,6 +104,49 @@ def test_quality_runs_each_form_in_both_frameworks_and_a_long_one(result):
         per_param = [runs[f]["state_bytes_per_param"] for f in FORMS]
         assert 8 <= per_param[0] and per_param[0] - 4 == pytest.approx(per_param[1], abs=0.01)
         assert per_param[2] == pytest.approx(3 + 4 / narrow.BLOCK_SIZE + per_param[0] - 8, abs=0.01)
+
+
+def test_k_average_is_nine_plain_steps_and_one_refreshing_step_over_ten(result):
+    _, data = result
+    sp = data["speed"]
+    res = sp["results"]
+    for fw, plain, refreshing, adamw in (
+        ("torch", "torch_fused_", "torch_fused_refresh_", "torch_adamw_fused"),
+        ("jax", "jax_", "jax_refresh_", "jax_adamw"),
+    ):
+        rec = sp["k_average"][fw]
+        assert rec["k"] == 10 and set(rec["forms"]) == set(FORMS)
+        assert rec["adamw_ms"] == res[adamw]["median_ms"]
+        for form, row in rec["forms"].items():
+            p, r = res[plain + form]["median_ms"], res[refreshing + form]["median_ms"]
+            assert (row["plain_ms"], row["refresh_step_ms"]) == (p, r)
+            assert row["average_ms"] == (9 * p + r) / 10
+            assert row["refresh_extra_ms"] == r - p
+            assert row["over_adamw"] == row["average_ms"] / res[adamw]["median_ms"]
+            assert row["over_f32"] == row["average_ms"] / rec["forms"]["f32"]["average_ms"]
+
+
+def test_memory_probes_ran_for_every_form_and_adamw(result):
+    """Each probe ran in its own process; its figures are the arithmetic of its measurement."""
+    bench, data = result
+    from harness.memory import CLEAR_REFS, SAMPLED
+
+    mem = data["memory"]
+    assert mem["size"] == "tiny"
+    probes = mem["probes"]
+    names = [f"torch_{k}_{f}" for f in FORMS for k in ("fused", "refresh")]
+    assert list(probes) == [*names, "torch_adamw_fused"]
+    table = bench.model_table(bench.argparse.Namespace(small=False, tiny=True))
+    n = sum(math.prod(s) for s in table.values())
+    largest = max(math.prod(s) for s in table.values()) * 4
+    for r in probes.values():
+        assert "error" not in r, r.get("error")
+        assert r["method"] in (CLEAR_REFS, SAMPLED) and len(r["extra_bytes_all"]) == 2
+        assert r["extra_bytes"] == min(r["extra_bytes_all"]) and r["extra_bytes"] % 1024 == 0
+        assert r["parameters"] == n and r["largest_f32_tensor_bytes"] == largest
+        assert r["extra_bytes_per_param"] == r["extra_bytes"] / n
+        assert r["extra_over_largest_f32"] == r["extra_bytes"] / largest
+        assert r["no_full_size_f32_temporary"] == (r["extra_bytes"] < largest)
 
 
 def test_over_seeds_summarizes_each_forms_differences(result):
