@@ -22,7 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +37,7 @@ using sophia_native::Item;
 using sophia_native::kBlock;
 using sophia_native::kBlockShift;
 using sophia_native::kCodeMax;
+using sophia_native::magnitude_bits;
 using sophia_native::round_bfloat16;
 using sophia_native::stream_key;
 using sophia_native::uniform24;
@@ -44,6 +45,8 @@ using sophia_native::work_items;
 
 // sophia.narrow.STREAM_HESSIAN.
 constexpr uint32_t kStreamHessian = 1;
+// The bit pattern of float32 infinity.
+constexpr uint32_t kInfinityBits = 0x7F800000u;
 
 // The EMA of one coordinate in the compute type C: b2 h + (1 - b2) h_hat.
 template <typename C, typename E>
@@ -72,25 +75,22 @@ void ema_block8(int8_t* __restrict codes, float* scale, const E* __restrict e, i
                 int64_t n, C b2, C one_minus_b2, uint32_t key) {
   float x[kBlock];
   const float old_scale = *scale;
-  float largest = 0.0f;  // max |x| over the block; a NaN is taken apart below
-  bool has_nan = false;
-  float nan = 0.0f;
+  uint32_t largest = 0;  // magnitude_bits of the largest |x|, or above infinity's for a NaN
   for (int64_t i = 0; i < n; ++i) {
     const C hv = static_cast<C>(decode_block8(codes[i], old_scale));
     x[i] = static_cast<float>(ema(hv, e[i], b2, one_minus_b2));
-    const float a = std::fabs(x[i]);
-    largest = a > largest ? a : largest;
-    has_nan |= a != a;
+    const uint32_t m = magnitude_bits(x[i]);
+    largest = m > largest ? m : largest;
   }
-  if (has_nan) {  // the spec's max propagates NaN: the block's first, its sign cleared by abs
-    for (int64_t i = 0; i < n; ++i) {
-      if (std::isnan(x[i])) {
-        nan = std::fabs(x[i]);
-        break;
-      }
-    }
+  float top;  // np.max(|x|) of the block: the spec's max propagates a NaN, abs clears its sign
+  if (largest > kInfinityBits) {
+    int64_t i = 0;
+    while (!std::isnan(x[i])) ++i;  // the block's first NaN
+    top = std::fabs(x[i]);
+  } else {
+    std::memcpy(&top, &largest, sizeof top);
   }
-  const float s = (has_nan ? nan : largest) / (kCodeMax * kCodeMax);
+  const float s = top / (kCodeMax * kCodeMax);
   *scale = s;
   if (!(std::isfinite(s) && s > 0.0f)) {  // zeros, or not finite: the codes are all 0
     for (int64_t i = 0; i < n; ++i) codes[i] = 0;

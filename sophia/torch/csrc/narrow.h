@@ -55,6 +55,15 @@ inline c10::BFloat16 round_bfloat16(float x, uint32_t bits) {
   return std::isnan(x) ? c10::BFloat16(x) : c10::BFloat16(top, c10::BFloat16::from_bits());
 }
 
+// The bit pattern of |x|: for non-negative floats the patterns are ordered as the
+// values, and a NaN's lies above infinity's, so their integer max (which vectorises,
+// unlike a float max that keeps NaN) finds the largest magnitude and any NaN.
+inline uint32_t magnitude_bits(float x) {
+  uint32_t pattern;
+  std::memcpy(&pattern, &x, sizeof pattern);
+  return pattern & 0x7FFFFFFFu;
+}
+
 // sophia.narrow.decode_block8 of one code: (c |c|) scale. c |c| is an integer of at
 // most 127**2, exact in float32, so the product with the scale is the one rounding.
 inline float decode_block8(int8_t c, float scale) {
@@ -64,10 +73,13 @@ inline float decode_block8(int8_t c, float scale) {
 
 // sophia.narrow.encode_block8 of one coordinate x of a block whose scale is finite
 // and nonzero; u is the coordinate's uniform (bits >> 8) * 2**-24. Branch-free,
-// so that a loop over a block vectorises.
+// so that a loop over a block vectorises. The spec's floor(sqrt(v)) is taken by
+// truncating to an integer: the same for v >= 0 and below 2**31 (v is at most
+// about 2 * 127**2, even where a subnormal scale is rounded far from max|x| / 127**2),
+// and, unlike std::floor without -fno-trapping-math, a conversion vectorises.
 inline int8_t encode_block8(float x, float scale, float u) {
   const float v = std::fabs(x) / scale;
-  float a = std::floor(std::sqrt(v));
+  float a = static_cast<float>(static_cast<int32_t>(std::sqrt(v)));
   a -= (a * a > v) ? 1.0f : 0.0f;
   const float p = (v - a * a) / (2.0f * a + 1.0f);
   const float up = a + ((u < p) ? 1.0f : 0.0f);
