@@ -201,6 +201,8 @@ def narrow_hessian_emas(
 
 #: The Hessian dtype each form stores, as the native EMA reads it.
 _NATIVE_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, narrow.BLOCK8: torch.int8}
+#: The tensor types the native EMA takes (no subclasses).
+_PLAIN = (Tensor, torch.nn.Parameter)
 #: The estimate dtypes the native EMA reads.
 _NATIVE_ESTIMATES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -208,12 +210,16 @@ _NATIVE_ESTIMATES = (torch.float32, torch.float64, torch.bfloat16, torch.float16
 def _native_takes(
     h: Tensor, e: Tensor, scale: Tensor | None, step: Tensor | int, form: str
 ) -> bool:
-    """Whether the native EMA takes this Hessian: everything on the CPU, ``h`` contiguous."""
+    """Whether the native EMA takes this Hessian: plain CPU tensors, ``h`` contiguous.
+
+    Plain: a tensor subclass (a ``DTensor``'s local shards, a fake tensor) takes
+    the eager code, whose ops the subclass knows how to run.
+    """
     cpu = [h, e] + ([scale] if scale is not None else [])
     if isinstance(step, Tensor):
         cpu.append(step)
     return (
-        all(x.device.type == "cpu" for x in cpu)
+        all(type(x) in _PLAIN and x.device.type == "cpu" for x in cpu)
         and h.is_contiguous()
         and h.dtype == _NATIVE_STORAGE.get(form)
         and e.dtype in _NATIVE_ESTIMATES

@@ -227,3 +227,26 @@ def test_update_hessian_native_equals_eager(op, monkeypatch, path, form):
         assert set(a) == set(b)
         for key in a:
             assert same(a[key], to_numpy(b[key])), key
+
+
+def test_mixed_layouts_equal_spec(op):
+    """A non-contiguous h takes the eager code, a transposed estimate the op: both the spec's."""
+    rng = np.random.default_rng(4)
+    h0 = [special_values(rng, s, np.float32).astype(BF16) for s in ((40, 30), (30, 40))]
+    est = [special_values(rng, s, np.float32) for s in ((40, 30), (30, 40))]
+    want = [
+        spec.hessian_ema(h, e, B2, hessian_dtype="bfloat16", seed=SEED, step=STEP)
+        for h, e in zip(h0, est)
+    ]
+    strided = to_torch(h0[0].T.copy()).T  # the values of h0[0], not contiguous
+    plain = to_torch(h0[1])
+    hessian_ema(
+        [strided, plain],
+        [to_torch(est[0]), to_torch(est[1].T.copy()).T],
+        beta2=B2,
+        hessian_dtype="bfloat16",
+        param_dtypes=[torch.float32] * 2,
+        state_steps=[torch.tensor(STEP), torch.tensor(STEP)],
+        seed=SEED,
+    )
+    assert same(strided, want[0]) and same(plain, want[1])
