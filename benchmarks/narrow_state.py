@@ -25,7 +25,8 @@ default), bfloat16 ``m`` and ``h``, bfloat16 ``m`` with a block8 ``h``.
   torch fused step and of the refresh alone per form, and of
   ``AdamW(fused=True)``'s step, each in a fresh process, in bytes and bytes
   per parameter, against one float32 copy of the largest tensor (what a
-  full-size float32 temporary of ``m`` or ``h`` would take).
+  full-size float32 temporary of ``m`` or ``h`` would take; "no full-size
+  temporary" below a quarter of it).
 * **quality**: the demo's SophiaG run (the ``default`` preset, ``tiny`` with
   ``--small``) in each form in both frameworks, its final validation loss
   against the float32 run's (target: within 0.01 nats), and one run
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -54,7 +56,7 @@ from harness.machine import host_info  # noqa: E402
 from harness.output import fmt, write_json  # noqa: E402
 from harness.stats import describe, ratio  # noqa: E402
 from harness.timing import interleave  # noqa: E402
-from narrow_memory import run_probes  # noqa: E402
+from narrow_memory import probe, run_probes  # noqa: E402
 from narrow_memory import variants as memory_variants  # noqa: E402
 from narrow_quality import quality  # noqa: E402
 from narrow_variants import FORMS, floor_ms, jax_cases, torch_cases, torch_kernels  # noqa: E402
@@ -201,13 +203,13 @@ def print_memory(mem: dict[str, Any]) -> None:
             f"\npeak extra memory ({done[0]['parameters']:,} parameters; one float32 copy of "
             f"the largest tensor: {largest / 2**20:.1f} MiB; method {done[0]['method']})"
         )
-    print("| variant | peak extra MiB | B/param | / largest f32 tensor | no f32 temporary |")
+    print("| variant | peak extra MiB | B/param | / largest f32 tensor | no full-size temporary |")
     print("|---|---|---|---|---|")
     for name, r in probes.items():
         if "error" in r:
             print(f"| {name} | failed | | | |")
             continue
-        none = "yes" if r["no_full_size_f32_temporary"] else "NO"
+        none = "yes" if r["no_full_size_temporary"] else "NO"
         print(
             f"| {name} | {r['extra_bytes'] / 2**20:.2f} | {r['extra_bytes_per_param']:.3f} | "
             f"{r['extra_over_largest_f32']:.3f} | {none} |"
@@ -322,7 +324,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=1, help="the quality runs' seeds 0..N-1")
     ap.add_argument("--memory-repeats", type=int, default=2, help="measured calls per probe")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)  # a probe's own process
     args = ap.parse_args(argv)
+    if args.memory_probe:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        rec = probe(args.memory_probe, model_table(args), args.warmup, args.memory_repeats)
+        print(json.dumps(rec))
+        return rec
     parts = [p for p in args.parts.split(",") if p]
     if set(parts) - set(PARTS):
         ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))} (allowed: {PARTS})")
@@ -335,9 +346,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "memory" in parts:
         size = "tiny" if args.tiny else "small" if args.small else "full"
         log(f"memory: one fresh process per variant ({size} shapes)")
-        probes = run_probes(
-            memory_variants(list(FORMS)), size, args.warmup, args.memory_repeats, args.threads, log
-        )
+        flags = [f"--{size}"] if size != "full" else []
+        flags += [f"--warmup={args.warmup}", f"--memory-repeats={args.memory_repeats}"]
+        flags += [f"--threads={args.threads}"]
+        probes = run_probes(memory_variants(list(FORMS)), Path(__file__), flags, log)
         out["memory"] = {"size": size, "probes": probes, "method": MEMORY_METHOD}
     if "speed" in parts:
         out["speed"] = speed(args, log)
