@@ -111,34 +111,48 @@ def _unbroadcast(divisor: jax.Array) -> jax.Array:
 
 
 def encode_block8(x: jax.Array, bits: jax.Array) -> Block8:
-    """:func:`sophia.narrow.encode_block8`: float32 ``x`` in the 8-bit block form.
+    """:func:`sophia.narrow.encode_block8`: float32 ``x`` in the 8-bit square-root block form.
 
-    The same float32 operations in the same order: ``scale = max|x| / 127``,
-    codes ``floor(x / scale + u)`` clipped to ``[-127, 127]``, zero codes for a
-    block whose scale is zero or not finite. The padding of the last block
-    holds zeros, as in the spec, so it changes no block's maximum.
+    The same float32 operations in the same order: ``scale = max|x| / 127**2``;
+    per coordinate ``v = |x| / scale``, ``a = floor(sqrt(v))`` lowered by one
+    where ``a * a > v``, ``p = (v - a * a) / (2a + 1)`` and the code
+    ``sign(x) * min(a + (u < p), 127)``; zero codes for a block whose scale is
+    zero or not finite. The padding of the last block holds zeros, as in the
+    spec, so it changes no block's maximum. ``sqrt`` is XLA's, correctly
+    rounded as NumPy's is (tested on values next to every perfect square).
     """
     x = x.astype(jnp.float32)
     n = x.size
+    f32 = jnp.float32
     blocks = _blocks(x.reshape(-1), 0)
     # XLA:CPU's vectorized max can drop a NaN; the spec's block maximum is NaN then.
     has_nan = jnp.any(jnp.isnan(blocks), axis=1)
-    max_abs = jnp.where(has_nan, jnp.float32(jnp.nan), jnp.max(jnp.abs(blocks), axis=1))
-    scale = max_abs / _unbroadcast(jnp.full(max_abs.shape, CODE_MAX, jnp.float32))
+    max_abs = jnp.where(has_nan, f32(jnp.nan), jnp.max(jnp.abs(blocks), axis=1))
+    scale = max_abs / _unbroadcast(jnp.full(max_abs.shape, CODE_MAX * CODE_MAX, f32))
     usable = jnp.isfinite(scale) & (scale > 0)
-    divisor = jnp.broadcast_to(jnp.where(usable, scale, jnp.float32(1))[:, None], blocks.shape)
-    u = (bits.reshape(-1) >> _U32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-    y = jnp.floor(blocks / _unbroadcast(divisor) + _blocks(u, 0))
-    y = jnp.clip(jnp.where(usable[:, None], y, jnp.float32(0)), -CODE_MAX, CODE_MAX)
+    divisor = jnp.broadcast_to(jnp.where(usable, scale, f32(1))[:, None], blocks.shape)
+    u = _blocks((bits.reshape(-1) >> _U32(8)).astype(f32) * f32(2.0**-24), 0)
+    v = jnp.where(usable[:, None], jnp.abs(blocks) / _unbroadcast(divisor), f32(0))
+    a = jnp.floor(jnp.sqrt(v))
+    a = a - (a * a > v).astype(f32)
+    # 2a + 1 is a full array already (no broadcast), so XLA divides element by element
+    p = (v - a * a) / (f32(2) * a + f32(1))
+    magnitude = jnp.minimum(a + (u < p).astype(f32), f32(CODE_MAX))
+    y = jnp.where(blocks < 0, -magnitude, magnitude)
     codes = y.astype(jnp.int8).reshape(-1)[:n].reshape(x.shape)
     return Block8(codes, scale)
 
 
 def decode_block8(block: Block8) -> jax.Array:
-    """:func:`sophia.narrow.decode_block8`: the float32 values ``codes * scale``."""
+    """:func:`sophia.narrow.decode_block8`: the float32 values ``(c * |c|) * scale``.
+
+    ``c * |c|`` is an integer of at most ``127**2``, exact in float32, so the
+    product with the block's scale is the one rounding (a fused multiply-add
+    cannot change it).
+    """
     codes = block.codes
-    blocks = _blocks(codes.reshape(-1).astype(jnp.float32), 0)
-    values = blocks * block.scale.astype(jnp.float32)[:, None]
+    c = _blocks(codes.reshape(-1).astype(jnp.float32), 0)
+    values = (c * jnp.abs(c)) * block.scale.astype(jnp.float32)[:, None]
     return values.reshape(-1)[: codes.size].reshape(codes.shape)
 
 

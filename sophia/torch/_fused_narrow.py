@@ -3,7 +3,7 @@
 :func:`fused_update_narrow` is :func:`sophia.torch._fused.fused_update` over the
 narrow state of :mod:`sophia.narrow`: ``m`` stored in float32 or bfloat16
 (rounded stochastically), ``h`` read from float32, bfloat16 or the 8-bit
-block form. It rounds and decodes inside the pass, element by element, so a
+square-root block form. It rounds and decodes inside the pass, element by element, so a
 compiled kernel makes no full-size copy of ``m`` or ``h``. The random bits are
 those of :mod:`sophia.torch._narrow` (int64 holding uint32 values), indexed by
 each element's coordinate in its parameter.
@@ -91,10 +91,11 @@ def fused_update_narrow(
     :func:`sophia.narrow.random_bits` of the momentum stream's ``key``; the
     update reads the unrounded momentum, as the spec does. With ``block8``,
     ``h`` holds int8 codes and ``h_scale`` the float32 scales of the whole
-    parameter. The coordinate of element ``i`` (flat C order) is ``first + i``:
-    ``first`` is a flat slice's offset (0-dim), or, for tensors packed into
-    one buffer, per element its coordinate minus its position in the buffer
-    (``key`` then per element too).
+    parameter, each coordinate's value ``(c * |c|) * scale``. The coordinate
+    of element ``i`` (flat C order) is ``first + i``: ``first`` is a flat
+    slice's offset (0-dim), or, for tensors packed into one buffer, per
+    element its coordinate minus its position in the buffer (``key`` then per
+    element too).
 
     Returns:
       The number of coordinates with ``r < 1``, in ``count_dtype``.
@@ -105,8 +106,10 @@ def fused_update_narrow(
     if stochastic_mu or block8:
         index = first + torch.arange(param.numel(), device=param.device).view(param.shape)
     if block8:
-        # decoded in float32 and only then widened, as sophia.narrow.decode does
-        hv = (h.to(torch.float32) * h_scale[index >> 8]).to(compute)
+        # square-root codes: (c * |c|) is exact in float32, the product with the block's scale
+        # the one rounding; decoded in float32 and only then widened, as sophia.narrow.decode does
+        c = h.to(torch.float32)
+        hv = ((c * torch.abs(c)) * h_scale[index >> 8]).to(compute)
     else:
         hv = h.to(compute)
     den = torch.clamp_min(hv, 0) * rho_bs + eps

@@ -149,12 +149,15 @@ def _blocks(flat: Tensor) -> Tensor:
 
 
 def encode_block8(x: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`sophia.narrow.encode_block8`: float32 ``x`` as int8 codes and float32 scales.
+    """:func:`sophia.narrow.encode_block8`: float32 ``x`` as int8 square-root codes and scales.
 
-    Per block ``scale = max|x| / 127``; a block with a finite nonzero scale
-    codes ``floor(x / scale + u)`` (``u = (bits >> 8) * 2**-24``) clipped to
-    ``[-127, 127]``, any other block codes zeros. Every operation is float32,
-    rounded once, in the spec's order.
+    Per block ``scale = max|x| / 127**2``; in a block with a finite nonzero
+    scale each coordinate has ``v = |x| / scale``, ``a = floor(sqrt(v))``
+    lowered by one where ``a * a > v``, ``p = (v - a * a) / (2a + 1)`` and the
+    code ``sign(x) * min(a + (u < p), 127)`` (``u = (bits >> 8) * 2**-24``);
+    any other block codes zeros. Every operation is float32, rounded once, in
+    the spec's order (inductor on the CPU keeps a division a division, and its
+    ``sqrt`` is the correctly rounded one: tested against the spec compiled).
 
     Returns:
       ``(codes, scale)``: int8 of ``x``'s shape, float32 of
@@ -162,23 +165,30 @@ def encode_block8(x: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
     """
     shape = x.shape
     blocks = _blocks(x.reshape(-1).to(torch.float32))
-    scale = torch.amax(torch.abs(blocks), dim=1) / CODE_MAX
+    scale = torch.amax(torch.abs(blocks), dim=1) / (CODE_MAX * CODE_MAX)
     usable = torch.isfinite(scale) & (scale > 0)
     divisor = torch.where(usable, scale, 1.0).unsqueeze(1)
     u = (_blocks(bits.reshape(-1)) >> 8).to(torch.float32) * 2.0**-24
-    y = torch.floor(blocks / divisor + u)
-    y = torch.clamp(torch.where(usable.unsqueeze(1), y, 0.0), -CODE_MAX, CODE_MAX)
+    v = torch.where(usable.unsqueeze(1), torch.abs(blocks) / divisor, 0.0)
+    a = torch.floor(torch.sqrt(v))
+    a = a - (a * a > v).to(torch.float32)
+    p = (v - a * a) / (2.0 * a + 1.0)
+    magnitude = torch.clamp_max(a + (u < p).to(torch.float32), CODE_MAX)
+    y = torch.where(blocks < 0, -magnitude, magnitude)
     codes = y.reshape(-1)[: shape.numel()].to(torch.int8).view(shape)
     return codes, scale
 
 
 def decode_block8(codes: Tensor, scale: Tensor) -> Tensor:
-    """:func:`sophia.narrow.decode_block8`: ``codes * scale`` of each coordinate's block, float32.
+    """:func:`sophia.narrow.decode_block8`: ``(c * |c|) * scale`` per coordinate, float32.
 
-    ``scale`` holds the scales of the blocks ``codes`` covers: all of them for
-    a whole tensor, or those of a flat slice that starts on a block boundary.
+    ``c * |c|`` is an integer of at most ``127**2``, exact in float32, so the
+    product with the scale is the one rounding. ``scale`` holds the scales of
+    the blocks ``codes`` covers: all of them for a whole tensor, or those of a
+    flat slice that starts on a block boundary.
     """
-    blocks = _blocks(codes.reshape(-1)).to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
+    c = _blocks(codes.reshape(-1)).to(torch.float32)
+    blocks = (c * torch.abs(c)) * scale.to(torch.float32).unsqueeze(1)
     return blocks.reshape(-1)[: codes.numel()].view(codes.shape)
 
 

@@ -28,6 +28,7 @@ import sophia.jax as sj
 from sophia import narrow, spec
 from sophia.jax import narrow as jn
 from sophia.jax.state import find_states
+from tests import block8_cases
 from tests.cross.references import through_param_dtype_update
 from tests.helpers import BF16, bits, real_view, run_module, ulp_diff
 
@@ -129,6 +130,31 @@ def test_block8_is_the_spec(shape, jit):
     assert _same(got.codes, want.codes) and _same(got.scale, want.scale)
     assert got.scale.shape == (narrow.block_count(size),)
     assert _same(dec(got), narrow.decode_block8(want))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_block8_square_root_edges_are_the_spec(jit):
+    """v on, and one ulp either side of, every perfect square, at 127**2 and above it, below 1.
+
+    Subnormal v are left out: XLA:CPU flushes them to zero (docs/spec.md).
+    """
+    x = block8_cases.square_root_edges(subnormal=False)
+    enc = jax.jit(jn.encode_block8) if jit else jn.encode_block8
+    dec = jax.jit(jn.decode_block8) if jit else jn.decode_block8
+    for b in block8_cases.edge_bits(x):
+        want = narrow.encode_block8(x, b)
+        got = enc(jnp.asarray(x), jnp.asarray(b))
+        assert _same(got.codes, want.codes) and _same(got.scale, want.scale)
+        assert _same(dec(got), narrow.decode_block8(want))
+
+
+def test_sqrt_is_correctly_rounded_next_to_every_square():
+    """The premise of the codes' bit equality: XLA's float32 sqrt is NumPy's (correctly rounded)."""
+    k = np.arange(1, 16130, dtype=np.float32)
+    v = np.concatenate([k, np.nextafter(k, np.float32(0)), np.nextafter(k, np.float32(2**15))])
+    v = np.concatenate([v, np.random.default_rng(0).uniform(0, 16130, 200_000).astype(np.float32)])
+    for fn in (jnp.sqrt, jax.jit(jnp.sqrt)):
+        assert _same(fn(jnp.asarray(v)), np.sqrt(v))
 
 
 # ----------------------------------------------------------------------------- trajectories

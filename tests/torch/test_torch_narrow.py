@@ -11,6 +11,7 @@ import torch
 
 from sophia import narrow, spec
 from sophia.torch import _narrow as tn
+from tests import block8_cases
 from tests.torch.torchref import n, same, t
 
 F32 = np.float32
@@ -138,6 +139,24 @@ def test_block8_encode_and_decode_equal_the_spec(case):
             assert same(codes, want.codes) and same(scale, want.scale)
             assert scale.shape == (narrow.block_count(x.size),)
             assert same(tn.decode_block8(codes, scale), narrow.decode_block8(want))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block8_square_root_edges_equal_the_spec(compiled):
+    """v on, and one ulp either side of, every perfect square, at 127**2 and above it, below 1
+    (subnormal v too); eager and compiled by inductor, whose division and sqrt must stay exact."""
+
+    def both(x, bits):
+        codes, scale = tn.encode_block8(x, bits)
+        return codes, scale, tn.decode_block8(codes, scale)
+
+    fn = torch.compile(both, fullgraph=True) if compiled else both
+    x = block8_cases.square_root_edges(subnormal=True)
+    for bits in block8_cases.edge_bits(x):
+        want = narrow.encode_block8(x, bits)
+        codes, scale, h = fn(torch.from_numpy(x), _np_bits(bits))
+        assert same(codes, want.codes) and same(scale, want.scale)
+        assert same(h, narrow.decode_block8(want))
 
 
 def test_block8_decode_of_a_slice_on_a_block_boundary():
