@@ -77,6 +77,8 @@ def store_momentum(
     """
     if mc is m:
         return
+    if form in tn.STOCHASTIC and _native_store([(m, mc, key, offset)]):
+        return
     if form in tn.STOCHASTIC:
         assert key is not None
         bits = tn.bits_of_key(key, m.numel(), m.device, offset).view(m.shape)
@@ -99,6 +101,8 @@ def store_momenta(
     flat, so the batch takes the same dozen kernels as one tensor.
     """
     pairs = [(m, mc, keys[i], off) for m, mc, (i, off) in zip(ms, mcs, origins) if mc is not m]
+    if form in tn.STOCHASTIC and pairs and _native_store(pairs):
+        return
     if len(pairs) <= 1 or form not in tn.STOCHASTIC:
         for m, mc, key, offset in pairs:
             store_momentum(m, mc, form, key, offset)
@@ -120,6 +124,39 @@ def store_momenta(
     rounded = tn.round_bfloat16(flat, bits).split(sizes)
     targets = [m for m, *_ in pairs]
     torch._foreach_copy_(targets, [v.view(m.shape) for v, m in zip(rounded, targets)])
+
+
+def _native_store(pairs: list[tuple[Tensor, Tensor, int | Tensor | None, int]]) -> bool:
+    """Stores ``(m, mc, key, offset)`` pieces with the native op if it takes them all.
+
+    It takes plain contiguous CPU tensors whose keys were read on the host
+    (ints), outside ``torch.compile`` (the op has no fake kernel to trace);
+    returns whether it ran (else nothing is written).
+    """
+    if torch.compiler.is_compiling() or not all(
+        isinstance(key, int)
+        and type(m) in _PLAIN
+        and type(mc) in _PLAIN
+        and m.device.type == "cpu"
+        and mc.device.type == "cpu"
+        and m.is_contiguous()
+        and mc.is_contiguous()
+        and m.dtype == torch.bfloat16
+        and mc.dtype in (torch.float32, torch.float64)
+        for m, mc, key, _ in pairs
+    ):
+        return False
+    op = _native.store_bfloat16_op()
+    if op is None:
+        return False
+    with torch.no_grad():
+        op(
+            [m for m, *_ in pairs],
+            [mc.detach() for _, mc, *_ in pairs],
+            [int(key) for *_, key, _ in pairs],  # type: ignore[arg-type]
+            [int(offset) for *_, offset in pairs],
+        )
+    return True
 
 
 def narrow_hessian_ema(
@@ -177,7 +214,8 @@ def narrow_hessian_emas(
     assert param_dtypes is not None
     steps = state_steps if state_steps is not None else [0] * k
     blocks = scales if scales is not None else [None] * k
-    op = _native.hessian_ema_narrow_op() if any(h.device.type == "cpu" for h in hs) else None
+    cpu = any(h.device.type == "cpu" for h in hs) and not torch.compiler.is_compiling()
+    op = _native.hessian_ema_narrow_op() if cpu else None
     native: dict[torch.dtype, list[int]] = {}
     for i, (h, e) in enumerate(zip(hs, es)):
         compute = compute_dtype(param_dtypes[i])

@@ -5,7 +5,9 @@ group: read ``param, grad, exp_avg, hessian``, write ``param, exp_avg``, spread
 over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
 CPU kernel (``fused_cpu.cpp``); a second op of the same build takes the narrow
 state (:mod:`sophia.narrow`). A third (``ema_cpu.cpp``) writes the Hessian EMA
-of ``update_hessian`` into a narrow ``hessian_dtype``, whatever ``fused`` says.
+of ``update_hessian`` into a narrow ``hessian_dtype``, whatever ``fused`` says,
+and a fourth (``store_cpu.cpp``) the for-loop and foreach bodies' new momenta
+into ``mu_dtype="bfloat16"``.
 The sources are compiled with ``torch.utils.cpp_extension`` (a C++17 compiler
 and ninja are needed) into torch's extension cache the first time they are
 needed, and loaded from there afterwards. Where they cannot be built,
@@ -29,11 +31,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_step_narrow_op", "fused_step_op", "hessian_ema_narrow_op", "native_enabled"]
+__all__ = [
+    "fused_step_narrow_op",
+    "fused_step_op",
+    "hessian_ema_narrow_op",
+    "native_enabled",
+    "store_bfloat16_op",
+]
 
 _CSRC = Path(__file__).parent / "csrc"
-#: The step kernels and the narrow Hessian EMA; ``narrow.h`` holds what they share.
-_SOURCES = [_CSRC / "fused_cpu.cpp", _CSRC / "ema_cpu.cpp"]
+#: The step kernels, the narrow Hessian EMA and the foreach body's bfloat16 momentum
+#: store; ``narrow.h`` holds what they share.
+_SOURCES = [_CSRC / "fused_cpu.cpp", _CSRC / "ema_cpu.cpp", _CSRC / "store_cpu.cpp"]
 #: Rounding must be operation by operation (see the sources' header comments).
 #: ``-fno-math-errno`` changes no result (``sqrt`` stays correctly rounded); it
 #: only spares a ``sqrt`` the errno check that keeps a loop from vectorising.
@@ -174,3 +183,19 @@ def hessian_ema_narrow_op() -> Any:
     if fused_step_op() is None:
         return None
     return torch.ops.sophia_native.hessian_ema_narrow_
+
+
+def store_bfloat16_op() -> Any:
+    """``torch.ops.sophia_native.store_bfloat16_``, the native stochastic bfloat16 store.
+
+    Built with :func:`fused_step_op` (``None`` where that is). The op takes
+    ``(out, src, keys, offsets)`` and returns nothing: every ``out`` (a
+    contiguous bfloat16 CPU tensor) receives its ``src`` (float32 or float64,
+    of its size) converted to float32 and rounded stochastically as
+    :func:`sophia.narrow.round_bfloat16` does, with the bits of the stream
+    ``keys[i]`` (:func:`sophia.torch._narrow.stream_key`) at the coordinates
+    ``offsets[i] + j``.
+    """
+    if fused_step_op() is None:
+        return None
+    return torch.ops.sophia_native.store_bfloat16_

@@ -250,3 +250,44 @@ def test_mixed_layouts_equal_spec(op):
         seed=SEED,
     )
     assert same(strided, want[0]) and same(plain, want[1])
+
+
+@pytest.mark.parametrize("src_dtype", [np.float32, np.float64])
+def test_store_bfloat16_equals_spec(src_dtype):
+    """The foreach body's native bfloat16 momentum store: the spec's rounding of each piece."""
+    store = _native.store_bfloat16_op()
+    if store is None:
+        pytest.skip("the native CPU extension cannot be built here")
+    rng = np.random.default_rng(6)
+    values = special_values(rng, (70001,), np.float32).astype(src_dtype)
+    values[[1, 2, 3]] = [3.4e38, -np.inf, 1e-45]  # past bfloat16's largest, inf, subnormal
+    key = int(narrow.mix32(np.uint64(SEED) ^ narrow.mix32(np.uint64(4 * STEP))))
+    bits = narrow.random_bits(SEED, STEP, narrow.STREAM_MU, (70001 + 300,))
+    pieces = [(0, 300), (300, 70001)]  # a piece at offset 300 of a longer tensor
+    outs = [torch.empty(n - a, dtype=torch.bfloat16) for a, n in pieces]
+    srcs = [to_torch(values[a:n] if a else values[:n]) for a, n in pieces]
+    store(outs, srcs, [key, key], [0, 300])
+    for out, (a, n) in zip(outs, pieces):
+        want = narrow.round_bfloat16(values[a:n].astype(np.float32), bits[a:n])
+        assert identical(to_numpy(out), want)
+
+
+@pytest.mark.parametrize("path", ["for-loop", "foreach"])
+def test_bfloat16_momentum_native_equals_eager(monkeypatch, path):
+    """The for-loop and foreach bodies with a bfloat16 m: the native store and the eager one."""
+    if _native.store_bfloat16_op() is None:
+        pytest.skip("the native CPU extension cannot be built here")
+    states = []
+    for store in (_native.store_bfloat16_op, lambda: None):
+        monkeypatch.setattr(_native, "store_bfloat16_op", store)
+        g = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((70001,), (3, 7))]
+        params.append(torch.nn.Parameter(torch.randn(300, generator=g, dtype=torch.float64)))
+        opt = SophiaG(params, lr=1e-3, bs=480, mu_dtype="bfloat16", seed=7, **PATHS[path])
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+        states.append([(p.detach().clone(), opt.state[p]["exp_avg"].clone()) for p in params])
+    for (p, m), (q, n) in zip(*states):
+        assert same(p, to_numpy(q)) and same(m, to_numpy(n))
