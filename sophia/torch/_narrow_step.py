@@ -64,7 +64,18 @@ def decoded_hessian(h: Tensor, scale: Tensor | None, offset: int, compute: torch
         return h if h.dtype == compute else h.to(compute)
     first = offset // narrow.BLOCK_SIZE
     scales = scale[first : first + narrow.block_count(h.numel())]
+    if _native_reads(h, scales):
+        op = _native.decode_block8_op()
+        if op is not None:
+            return op(h, scales).to(compute)
     return tn.decode_block8(h, scales).to(compute)
+
+
+def _native_reads(codes: Tensor, scales: Tensor) -> bool:
+    """Whether the native decode takes a piece: plain contiguous CPU tensors, not compiling."""
+    return not torch.compiler.is_compiling() and all(
+        type(x) in _PLAIN and x.device.type == "cpu" and x.is_contiguous() for x in (codes, scales)
+    )
 
 
 def store_momentum(

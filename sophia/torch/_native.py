@@ -6,8 +6,8 @@ over torch's intra-op threads, like ``torch.optim.AdamW(fused=True)``'s native
 CPU kernel (``fused_cpu.cpp``); a second op of the same build takes the narrow
 state (:mod:`sophia.narrow`). A third (``ema_cpu.cpp``) writes the Hessian EMA
 of ``update_hessian`` into a narrow ``hessian_dtype``, whatever ``fused`` says,
-and a fourth (``store_cpu.cpp``) the for-loop and foreach bodies' new momenta
-into ``mu_dtype="bfloat16"``.
+and ``store_cpu.cpp`` the for-loop and foreach bodies' new momenta into
+``mu_dtype="bfloat16"`` and their decoded block8 ``h``.
 The sources are compiled with ``torch.utils.cpp_extension`` (a C++17 compiler
 and ninja are needed) into torch's extension cache the first time they are
 needed, and loaded from there afterwards. Where they cannot be built,
@@ -35,13 +35,14 @@ __all__ = [
     "fused_step_narrow_op",
     "fused_step_op",
     "hessian_ema_narrow_op",
+    "decode_block8_op",
     "native_enabled",
     "store_bfloat16_op",
 ]
 
 _CSRC = Path(__file__).parent / "csrc"
-#: The step kernels, the narrow Hessian EMA and the foreach body's bfloat16 momentum
-#: store; ``narrow.h`` holds what they share.
+#: The step kernels, the narrow Hessian EMA and the foreach body's narrow state
+#: reads and writes; ``narrow.h`` holds what they share.
 _SOURCES = [_CSRC / "fused_cpu.cpp", _CSRC / "ema_cpu.cpp", _CSRC / "store_cpu.cpp"]
 #: Rounding must be operation by operation (see the sources' header comments).
 #: ``-fno-math-errno`` changes no result (``sqrt`` stays correctly rounded); it
@@ -199,3 +200,17 @@ def store_bfloat16_op() -> Any:
     if fused_step_op() is None:
         return None
     return torch.ops.sophia_native.store_bfloat16_
+
+
+def decode_block8_op() -> Any:
+    """``torch.ops.sophia_native.decode_block8``, the native block8 decode.
+
+    Built with :func:`fused_step_op` (``None`` where that is). The op takes
+    ``(codes, scales)``, contiguous int8 codes and the float32 scales of the
+    blocks they cover (a piece starting on a block boundary), and returns
+    :func:`sophia.narrow.decode_block8` of them: a new float32 tensor of the
+    codes' shape.
+    """
+    if fused_step_op() is None:
+        return None
+    return torch.ops.sophia_native.decode_block8

@@ -291,3 +291,16 @@ def test_bfloat16_momentum_native_equals_eager(monkeypatch, path):
         states.append([(p.detach().clone(), opt.state[p]["exp_avg"].clone()) for p in params])
     for (p, m), (q, n) in zip(*states):
         assert same(p, to_numpy(q)) and same(m, to_numpy(n))
+
+
+def test_decode_block8_equals_spec():
+    """The bodies' native block8 decode: the spec's values, whole and for a piece at an offset."""
+    decode = _native.decode_block8_op()
+    if decode is None:
+        pytest.skip("the native CPU extension cannot be built here")
+    h = initial_h(np.random.default_rng(8), (70001,), narrow.BLOCK8, np.float32)
+    want = narrow.decode_block8(h)
+    codes, scale = to_torch(h.codes), to_torch(h.scale)
+    assert identical(to_numpy(decode(codes, scale)), want)
+    piece = decode(codes[512:1000], scale[2:4])  # blocks 2 and 3 (3 partial)
+    assert identical(to_numpy(piece), want[512:1000])

@@ -1,10 +1,15 @@
-// The foreach body's store of new momenta into a bfloat16 m (mu_dtype="bfloat16",
-// sophia/narrow.py) on the CPU: each value converted to float32 (round to
-// nearest) and rounded stochastically to bfloat16 with the spec's bits of its
-// coordinate, for every piece of a batch in one pass spread over torch's
-// intra-op threads. The eager code takes a dozen full-size int64 passes per
-// batch for the bits alone; this takes none.
+// The for-loop and foreach bodies' narrow state (sophia/narrow.py) on the CPU,
+// read and written in one pass each, spread over torch's intra-op threads:
+//
+// store_bfloat16_: new momenta into a bfloat16 m (mu_dtype="bfloat16"), each
+// value converted to float32 (round to nearest) and rounded stochastically to
+// bfloat16 with the spec's bits of its coordinate, for every piece of a batch.
+// The eager code takes a dozen full-size int64 passes per batch for the bits.
+//
+// decode_block8: a piece of block8 h as float32, (c |c|) times its block's
+// scale, where the eager code pads, widens, squares and scales in four passes.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -18,6 +23,9 @@
 namespace {
 
 using sophia_native::bits_at;
+using sophia_native::decode_block8;
+using sophia_native::kBlock;
+using sophia_native::kBlockShift;
 using sophia_native::Item;
 using sophia_native::round_bfloat16;
 using sophia_native::work_items;
@@ -66,10 +74,32 @@ void store_bfloat16_cpu(at::TensorList out, at::TensorList src, at::IntArrayRef 
   });
 }
 
+at::Tensor decode_block8_cpu(const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() &&
+                  codes.scalar_type() == at::kChar && scales.device().is_cpu() &&
+                  scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                  scales.numel() == (codes.numel() + kBlock - 1) / kBlock,
+              "sophia decode_block8: codes must be contiguous int8 CPU codes and scales the "
+              "contiguous float32 CPU scales of their blocks, one per 256");
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const int8_t* c = codes.const_data_ptr<int8_t>();
+  const float* s = scales.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t n = codes.numel();
+  at::parallel_for(0, n, sophia_native::kChunk, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = decode_block8(c[i], s[i >> kBlockShift]);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sophia_native, m) {
   m.def("store_bfloat16_(Tensor(a!)[] out, Tensor[] src, int[] keys, int[] offsets) -> ()");
+  m.def("decode_block8(Tensor codes, Tensor scales) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sophia_native, CPU, m) { m.impl("store_bfloat16_", &store_bfloat16_cpu); }
+TORCH_LIBRARY_IMPL(sophia_native, CPU, m) {
+  m.impl("store_bfloat16_", &store_bfloat16_cpu);
+  m.impl("decode_block8", &decode_block8_cpu);
+}
