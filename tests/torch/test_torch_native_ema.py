@@ -1,4 +1,4 @@
-"""The native narrow Hessian EMA (``csrc/ema_cpu.cpp``) against the NumPy spec, to the bit.
+"""The native narrow-state ops (``csrc/ema_cpu.cpp``, ``csrc/store_cpu.cpp``) against the spec.
 
 ``spec.hessian_ema`` with each form (float32, bfloat16, block8) for parameters
 of every floating dtype, on tensors with special values: zero blocks, blocks
@@ -6,7 +6,9 @@ with an infinite or NaN estimate or scale, subnormals, negative (Hutchinson)
 estimates, a partial last block and a tensor spanning two work items; the op
 called directly and through ``functional.hessian_ema``; and
 ``SophiaG.update_hessian`` (for-loop, foreach, fused) with the native op
-against the same optimizer on the eager fallback.
+against the same optimizer on the eager fallback. The bodies' bfloat16
+momentum store and block8 decode against ``narrow.round_bfloat16`` and
+``narrow.decode_block8``, and the bodies with and without the native store.
 """
 
 import ml_dtypes
@@ -32,13 +34,14 @@ FORMS = ["float32", "bfloat16", narrow.BLOCK8]
 #: the op's 2**16-coordinate work items with a partial last block.
 SHAPES = [(7, 230), (70001,)]
 SEED, STEP, B2 = 0xDEADBEEF, 12345, 0.99
+UNAVAILABLE = "the native CPU extension is unavailable (not buildable, or SOPHIA_TORCH_NATIVE=0)"
 
 
 @pytest.fixture(scope="module")
 def op():
     found = _native.hessian_ema_narrow_op()
     if found is None:
-        pytest.skip("the native CPU extension cannot be built here")
+        pytest.skip(UNAVAILABLE)
     return found
 
 
@@ -257,7 +260,7 @@ def test_store_bfloat16_equals_spec(src_dtype):
     """The foreach body's native bfloat16 momentum store: the spec's rounding of each piece."""
     store = _native.store_bfloat16_op()
     if store is None:
-        pytest.skip("the native CPU extension cannot be built here")
+        pytest.skip(UNAVAILABLE)
     rng = np.random.default_rng(6)
     values = special_values(rng, (70001,), np.float32).astype(src_dtype)
     values[[1, 2, 3]] = [3.4e38, -np.inf, 1e-45]  # past bfloat16's largest, inf, subnormal
@@ -276,7 +279,7 @@ def test_store_bfloat16_equals_spec(src_dtype):
 def test_bfloat16_momentum_native_equals_eager(monkeypatch, path):
     """The for-loop and foreach bodies with a bfloat16 m: the native store and the eager one."""
     if _native.store_bfloat16_op() is None:
-        pytest.skip("the native CPU extension cannot be built here")
+        pytest.skip(UNAVAILABLE)
     states = []
     for store in (_native.store_bfloat16_op, lambda: None):
         monkeypatch.setattr(_native, "store_bfloat16_op", store)
@@ -297,7 +300,7 @@ def test_decode_block8_equals_spec():
     """The bodies' native block8 decode: the spec's values, whole and for a piece at an offset."""
     decode = _native.decode_block8_op()
     if decode is None:
-        pytest.skip("the native CPU extension cannot be built here")
+        pytest.skip(UNAVAILABLE)
     h = initial_h(np.random.default_rng(8), (70001,), narrow.BLOCK8, np.float32)
     want = narrow.decode_block8(h)
     codes, scale = to_torch(h.codes), to_torch(h.scale)
