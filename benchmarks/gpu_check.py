@@ -23,7 +23,10 @@ it finished; ``log.txt`` there repeats the console:
    (bit patterns: -0 is one ulp from +0) per pair, the win-rate mismatches,
    and the distance in ulps of the largest operand, the measure of the
    fused-multiply-add bound. Each implementation is also run on its own for
-   the 50 steps and compared with the reference trajectory.
+   the 50 steps and compared with the reference trajectory. Two more units
+   run the narrow state (bfloat16 m with bfloat16 / block8 h, float32
+   parameters, 20 steps) in lockstep with the reference's forms, seed and
+   step (``gpu/narrow.py``).
 2. **step time**: GPT-2-small shapes (148 tensors, 124.4M parameters) and
    TinyLlama-1.1B shapes (201 tensors, 1.1B parameters), float32.
    ``SophiaG(fused=True)`` and ``(foreach=True)`` against

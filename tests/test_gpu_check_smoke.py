@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 TORCH_PATHS = ["torch-for-loop", "torch-foreach", "torch-fused"]
+NARROW_UNITS = ["narrow m=bfloat16 h=bfloat16", "narrow m=bfloat16 h=block8"]
 
 
 def _module(name):
@@ -77,8 +78,9 @@ def test_smoke_every_part_done(smoke):
 def test_smoke_correctness_follows_the_cpu_contract(smoke):
     _, _, res = smoke
     units = res["parts"]["correctness"]["units"]
-    assert set(units) == {"float32", "bfloat16"}
-    for storage, unit in units.items():
+    assert set(units) == {"float32", "bfloat16", *NARROW_UNITS}
+    for storage in ("float32", "bfloat16"):
+        unit = units[storage]
         assert unit["steps"] >= 10 and unit["errors"] == {}, storage
         pairs = unit["pairs"]
         for path in TORCH_PATHS:
@@ -96,6 +98,53 @@ def test_smoke_correctness_follows_the_cpu_contract(smoke):
         assert jax_row["met"] is True and _number(jax_row["theta_ulps_of_operands"])
         for path in TORCH_PATHS:
             assert _number(pairs[f"{path} vs jax-jit"]["max_ulp"]), (storage, path)
+
+
+def test_smoke_narrow_state_follows_the_cpu_contract(smoke):
+    """bfloat16 m with bfloat16 / block8 h in lockstep with the spec: torch bit for bit."""
+    _, _, res = smoke
+    units = res["parts"]["correctness"]["units"]
+    for key in NARROW_UNITS:
+        unit = units[key]
+        assert unit["status"] == "done" and unit["errors"] == {}, (key, unit)
+        block8 = unit["hessian_dtype"] == "block8"
+        assert unit["mu_dtype"] == "bfloat16" and unit["seed"] != 0, key
+        assert unit["steps"] >= 5 and unit["refresh_every"] < unit["steps"], key
+        for path in TORCH_PATHS:
+            row = unit["pairs"][f"{path} vs numpy"]
+            assert row["expected"] == "exact" and row["met"] is True, (key, path, row)
+            assert row["steps"] == unit["steps"] and row["refreshes"] >= 2, (key, path)
+            for k in ("theta_ulp", "m_ulp", "h_ulp", "codes_differing", "scale_ulp"):
+                assert row[k] == 0, (key, path, k, row)
+            assert row["win_mismatches"] == 0, (key, path)
+        jax_row = unit["pairs"]["jax-jit vs numpy"]
+        # XLA:CPU contracts the momentum and the EMA into FMAs: within the bounds, not exact
+        assert jax_row["expected"] == "fma" and jax_row["met"] is True, (key, jax_row)
+        assert jax_row["m_ulp"] <= 1 and jax_row["h_ulp"] <= 1, (key, jax_row)
+        assert jax_row["code_max_diff"] <= 1 and _number(jax_row["theta_ulps_of_operands"])
+        if not block8:
+            assert jax_row["codes_differing"] == 0 and jax_row["scale_ulp"] == 0, key
+    what = {v["what"] for v in res["verdicts"]}
+    for key in NARROW_UNITS:
+        for path in TORCH_PATHS:
+            assert f"correctness {key}: {path} vs numpy max difference" in what, (key, path)
+
+
+def test_narrow_lockstep_catches_a_wrong_step_index():
+    """A path rounding with the bits of the wrong step misses: the unit can fail."""
+    narrow = _module("gpu.narrow")
+    environment = _module("gpu.environment")
+    fw, _ = environment.probe(True, False)
+    fw.jax = None
+    load = narrow.NarrowTorch.load
+    try:
+        narrow.NarrowTorch.load = lambda self, th, m, h, step: load(self, th, m, h, step + 1)
+        res = narrow.check_narrow(fw, ("bfloat16", "block8"), 3, smoke=True)
+    finally:
+        narrow.NarrowTorch.load = load
+    for path in TORCH_PATHS:
+        row = res["pairs"][f"{path} vs numpy"]
+        assert row["met"] is False and row["m_ulp"] >= 1 and row["codes_differing"] > 0, row
 
 
 def test_smoke_step_time_measures_the_floor(smoke):

@@ -2,6 +2,7 @@
 
 :mod:`gpu.record` (the run, its budget and ``results.json``),
 :mod:`gpu.environment` (what the machine offers), then the parts:
-:mod:`gpu.correctness` (on :mod:`gpu.implementations`), :mod:`gpu.step_time`
+:mod:`gpu.correctness` (on :mod:`gpu.implementations` and, for the narrow
+state, :mod:`gpu.narrow`), :mod:`gpu.step_time`
 (on :mod:`gpu.step_variants`) and :mod:`gpu.training`.
 """

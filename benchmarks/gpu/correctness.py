@@ -30,6 +30,7 @@ from gpu.implementations import (
     reference_step,
     ulp,
 )
+from gpu.narrow import FMA_BOUNDS, FORMS, check_narrow
 from gpu.record import Part, Skip
 from sophia import spec
 
@@ -312,6 +313,12 @@ def correctness(part: Part, fw: Frameworks, smoke: bool) -> None:
         )
         if res is not None:
             results[storage] = res
+    narrow_results = {}
+    for forms in FORMS:
+        key = f"narrow m={forms[0]} h={forms[1]}"
+        res = part.unit(key, lambda forms=forms: check_narrow(fw, forms, 6 if smoke else 20, smoke))
+        if res is not None:
+            narrow_results[key] = res
     if fw.torch_device is not None and fw.torch_device.type == "cuda":
 
         def div_rn() -> dict[str, Any]:
@@ -334,17 +341,21 @@ def correctness(part: Part, fw: Frameworks, smoke: bool) -> None:
             return {"inductor_patch": patch, "runs": out}
 
         part.unit("torch-fused with division_rounding", div_rn)
-    met = all(row["met"] is not False for res in results.values() for row in res["pairs"].values())
-    errors = any(res["errors"] for res in results.values())
+    every = [*results.values(), *narrow_results.values()]
+    met = all(row["met"] is not False for res in every for row in res["pairs"].values())
+    errors = any(res["errors"] for res in every)
     part.record["summary"] = {
-        "all_met": (met and not errors) if results else None,
+        "all_met": (met and not errors) if every else None,
         "bound": (
             "exact pairs: 0 ulp (bit patterns, -0 one ulp from +0) and the same win rate; FMA "
             f"pairs: m and h within {FMA_BOUND_ULPS['m']:g} ulps of their largest operand, theta "
             f"within {FMA_BOUND_ULPS['theta']:g} (in float32 given the momentum the "
-            "implementation computed); see FMA_BOUND_ULPS for why"
+            "implementation computed); see FMA_BOUND_ULPS for why. Narrow units: exact rows "
+            "0 ulp in theta, m and h, no block8 code or scale different; FMA rows within "
+            f"{FMA_BOUNDS} (see gpu.narrow.FMA_BOUNDS)"
         ),
     }
+    narrow_verdicts(part, narrow_results)
     for storage, res in results.items():
         for name, err in res["errors"].items():
             part.run.verdict(f"correctness {storage}: {name} runs", None, 0, err, met=False)
@@ -373,3 +384,25 @@ def correctness(part: Part, fw: Frameworks, smoke: bool) -> None:
                     FMA_BOUND_ULPS[key],
                     f"max ulp {row['max_ulp']}, {wins}",
                 )
+
+
+def narrow_verdicts(part: Part, results: dict[str, dict[str, Any]]) -> None:
+    """One verdict per narrow row: its largest figure against 0 (exact) or its bound (FMA)."""
+    for key, res in results.items():
+        for name, err in res["errors"].items():
+            part.run.verdict(f"correctness {key}: {name} runs", None, 0, err, met=False)
+        for pair, row in res["pairs"].items():
+            figures = (
+                f"theta {row['theta_ulp']} ulp, m {row['m_ulp']}, h {row['h_ulp']}, "
+                f"{row['codes_differing']} block8 codes differ (max {row['code_max_diff']}), "
+                f"scales {row['scale_ulp']} ulp, {row['win_mismatches']} win-rate mismatches"
+            )
+            if row["expected"] == "exact":
+                value = max(row["theta_ulp"], row["m_ulp"], row["h_ulp"], row["codes_differing"],
+                            row["scale_ulp"], row["win_mismatches"])  # fmt: skip
+                part.run.verdict(f"correctness {key}: {pair} max difference", value, 0, figures,
+                                 met=row["met"])  # fmt: skip
+                continue
+            worst = max(row[k] / bound for k, bound in FMA_BOUNDS.items())
+            part.run.verdict(f"correctness {key}: {pair} m/h/codes/scales over their FMA bounds",
+                             worst, 1, figures, met=row["met"])  # fmt: skip
