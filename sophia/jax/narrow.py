@@ -100,6 +100,18 @@ def _blocks(flat: jax.Array, fill: Any) -> jax.Array:
     return padded.reshape(nb, BLOCK_SIZE)
 
 
+def _per_element(per_block: jax.Array, like: jax.Array) -> jax.Array:
+    """``per_block`` broadcast to ``like``'s shape in a form XLA cannot see as a broadcast.
+
+    XLA rewrites ``a / broadcast(b)`` as ``a * broadcast(1 / b)``, which is not the
+    correctly rounded quotient the spec takes. A select on a per-element
+    predicate (here never true: a NaN in a usable block, whose scale would be
+    NaN) is not a broadcast, so the division stays element by element, and unlike
+    an optimization barrier it still fuses into one pass.
+    """
+    return jnp.where(jnp.isnan(like), jnp.float32(1), jnp.broadcast_to(per_block, like.shape))
+
+
 def _unbroadcast(divisor: jax.Array) -> jax.Array:
     """A divisor XLA cannot see as a broadcast.
 
@@ -130,9 +142,9 @@ def encode_block8(x: jax.Array, bits: jax.Array) -> Block8:
     max_abs = jnp.where(has_nan, f32(jnp.nan), jnp.max(jnp.abs(blocks), axis=1))
     scale = max_abs / _unbroadcast(jnp.full(max_abs.shape, CODE_MAX * CODE_MAX, f32))
     usable = jnp.isfinite(scale) & (scale > 0)
-    divisor = jnp.broadcast_to(jnp.where(usable, scale, f32(1))[:, None], blocks.shape)
+    divisor = _per_element(jnp.where(usable, scale, f32(1))[:, None], blocks)
     u = _blocks((bits.reshape(-1) >> _U32(8)).astype(f32) * f32(2.0**-24), 0)
-    v = jnp.where(usable[:, None], jnp.abs(blocks) / _unbroadcast(divisor), f32(0))
+    v = jnp.where(usable[:, None], jnp.abs(blocks) / divisor, f32(0))
     a = jnp.floor(jnp.sqrt(v))
     a = a - (a * a > v).astype(f32)
     # 2a + 1 is a full array already (no broadcast), so XLA divides element by element
