@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -212,12 +213,33 @@ class TorchImpl:
         )
 
 
+def jitted_step_and_refresh(tx: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(step(p, s, g) -> (p, s), refresh(p, s, h_hat) -> s)``, jitted, for a Sophia chain ``tx``.
+
+    The refresh is the one that starts a step given ``hessian=``, kept alone: the
+    reference refreshes and steps separately, and the units load the rest anyway.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def step(p: Any, s: Any, g: Any) -> Any:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def refresh(p: Any, s: Any, h_hat: Any) -> Any:
+        zeros = jax.tree.map(jnp.zeros_like, p)
+        core = tx.update(zeros, s, p, hessian=h_hat)[1][0]
+        return (s[0]._replace(hessian=core.hessian, hessian_norm=core.hessian_norm), *s[1:])
+
+    return jax.jit(step), jax.jit(refresh)
+
+
 class JaxImpl:
     """Jitted :func:`sophia.jax.sophia_g` (manual refreshes) on flat arrays in and out."""
 
     def __init__(self, jax: Any, inputs: Inputs) -> None:
         import jax.numpy as jnp
-        import optax
 
         import sophia.jax as sj
 
@@ -235,20 +257,7 @@ class JaxImpl:
         )
         self.params = [jnp.asarray(np.zeros(s, self.dtype)) for s in inputs.shapes]
         self.state = jax.jit(tx.init)(self.params)  # eager init compiles every op per shape
-
-        def step(p: Any, s: Any, g: Any) -> Any:
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        def refresh(p: Any, s: Any, h_hat: Any) -> Any:
-            # the refresh that starts a step given hessian=, kept alone: the reference
-            # refreshes and steps separately, and load() resets the rest anyway
-            zeros = jax.tree.map(jnp.zeros_like, p)
-            core = tx.update(zeros, s, p, hessian=h_hat)[1][0]
-            return (s[0]._replace(hessian=core.hessian, hessian_norm=core.hessian_norm), *s[1:])
-
-        self._step = jax.jit(step)
-        self._refresh = jax.jit(refresh)
+        self._step, self._refresh = jitted_step_and_refresh(tx)
 
     def _arrays(self, flat: np.ndarray) -> list[Any]:
         # cast on the host (exact: the values are the dtype's), so nothing compiles per shape

@@ -20,7 +20,7 @@ import numpy as np
 from harness.ulp import ulp_diff, ulps_of_operands
 
 from gpu.environment import Frameworks
-from gpu.implementations import HP, TorchImpl, correctness_shapes
+from gpu.implementations import HP, TorchImpl, correctness_shapes, jitted_step_and_refresh
 from gpu.record import Skip
 from sophia import narrow, spec
 
@@ -212,7 +212,6 @@ class NarrowJax:
 
     def __init__(self, jax: Any, shapes: list, forms: tuple) -> None:
         import jax.numpy as jnp
-        import optax
 
         import sophia.jax as sj
 
@@ -233,18 +232,7 @@ class NarrowJax:
         self.params = [jnp.zeros(s, jnp.float32) for s in shapes]
         self.state = jax.jit(tx.init)(self.params)
 
-        def step(p: Any, s: Any, g: Any) -> Any:
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        def refresh(p: Any, s: Any, h_hat: Any) -> Any:
-            # the refresh that starts a step given hessian=, kept alone (as JaxImpl's)
-            zeros = jax.tree.map(jnp.zeros_like, p)
-            core = tx.update(zeros, s, p, hessian=h_hat)[1][0]
-            return (s[0]._replace(hessian=core.hessian, hessian_norm=core.hessian_norm), *s[1:])
-
-        self._step = jax.jit(step)
-        self._refresh = jax.jit(refresh)
+        self._step, self._refresh = jitted_step_and_refresh(tx)
 
     def load(self, theta: Flat, m: Flat, h: Hessian, step: int) -> None:
         """Sets the parameters, m, h and ``count`` (the rounding's step index)."""
