@@ -116,7 +116,8 @@ def sophia_g(
       mu_dtype: the momentum's form (:mod:`sophia.narrow`): ``None`` (the
         parameters' dtype), ``"float32"`` or ``"bfloat16"`` (stochastic rounding).
       hessian_dtype: the Hessian EMA's form: those, or ``"block8"`` (8-bit
-        codes and a float32 scale per 256 coordinates, stochastic rounding).
+        square-root codes and a float32 scale per 256 coordinates, stochastic
+        rounding).
       seed: an int in ``[0, 2**32)`` seeding the stochastic rounding and the
         label sampling, or a PRNG key of the sampling (no stochastic form then).
       axis_name: inside ``shard_map``/``pmap`` with the batch split along this

@@ -90,7 +90,7 @@ class SophiaG(Optimizer):
         ``None`` (the parameter's dtype), ``"float32"`` or ``"bfloat16"``
         (rounded stochastically); a torch dtype works as its name.
       hessian_dtype: the form of ``hessian``: as ``mu_dtype``, or ``"block8"``
-        (int8 codes and a float32 scale per 256 coordinates, stochastic).
+        (int8 square-root codes, a float32 scale per 256 coordinates, stochastic).
         Complex parameters take ``None`` or ``"float32"``.
       seed: the stochastic rounding's seed (its bits are a function of the
         seed, the step, the array and the coordinate).
