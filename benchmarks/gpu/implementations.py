@@ -32,6 +32,39 @@ HP = {
 REFRESH_EVERY = 5
 
 
+def torch_sophia(params: list[Any], **extra: Any) -> Any:
+    """``sophia.torch.SophiaG`` with the correctness hyperparameters :data:`HP` (and ``extra``)."""
+    from sophia.torch import SophiaG
+
+    return SophiaG(
+        params,
+        lr=HP["lr"],
+        betas=(HP["b1"], HP["b2"]),
+        rho=HP["rho"],
+        weight_decay=HP["weight_decay"],
+        bs=HP["bs"],
+        eps=HP["eps"],
+        **extra,
+    )
+
+
+def jax_sophia(**extra: Any) -> Any:
+    """``sophia.jax.sophia_g`` with :data:`HP`, refreshed by hand (and ``extra``)."""
+    import sophia.jax as sj
+
+    return sj.sophia_g(
+        HP["lr"],
+        HP["b1"],
+        HP["b2"],
+        HP["rho"],
+        HP["weight_decay"],
+        bs=HP["bs"],
+        eps=HP["eps"],
+        hessian_update_interval=None,
+        **extra,
+    )
+
+
 def storage_round(x: np.ndarray, storage: str) -> np.ndarray:
     return round_to_bfloat16(x) if storage == "bfloat16" else np.asarray(x, np.float32)
 
@@ -144,7 +177,6 @@ class TorchImpl:
     }
 
     def __init__(self, torch: Any, path: str, inputs: Inputs, device: Any) -> None:
-        from sophia.torch import SophiaG
 
         self.torch, self.inputs, self.device = torch, inputs, device
         self.dtype = torch.bfloat16 if inputs.storage == "bfloat16" else torch.float32
@@ -154,16 +186,7 @@ class TorchImpl:
         ]
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        self.opt = SophiaG(
-            self.params,
-            lr=HP["lr"],
-            betas=(HP["b1"], HP["b2"]),
-            rho=HP["rho"],
-            weight_decay=HP["weight_decay"],
-            bs=HP["bs"],
-            eps=HP["eps"],
-            **self.PATHS[path],
-        )
+        self.opt = torch_sophia(self.params, **self.PATHS[path])
         # creates the state; the step after it makes the next refresh a fresh one (SophiaG
         # skips a second refresh with no step between); load() overwrites what both did
         self.opt.update_hessian(hessian=[torch.zeros_like(p) for p in self.params])
@@ -241,20 +264,9 @@ class JaxImpl:
     def __init__(self, jax: Any, inputs: Inputs) -> None:
         import jax.numpy as jnp
 
-        import sophia.jax as sj
-
         self.jax, self.jnp, self.inputs = jax, jnp, inputs
         self.dtype = jnp.bfloat16 if inputs.storage == "bfloat16" else jnp.float32
-        tx = sj.sophia_g(
-            HP["lr"],
-            HP["b1"],
-            HP["b2"],
-            HP["rho"],
-            HP["weight_decay"],
-            bs=HP["bs"],
-            eps=HP["eps"],
-            hessian_update_interval=None,
-        )
+        tx = jax_sophia()
         self.params = [jnp.asarray(np.zeros(s, self.dtype)) for s in inputs.shapes]
         self.state = jax.jit(tx.init)(self.params)  # eager init compiles every op per shape
         self._step, self._refresh = jitted_step_and_refresh(tx)

@@ -20,7 +20,14 @@ import numpy as np
 from harness.ulp import ulp_diff, ulps_of_operands
 
 from gpu.environment import Frameworks
-from gpu.implementations import HP, TorchImpl, correctness_shapes, jitted_step_and_refresh
+from gpu.implementations import (
+    HP,
+    TorchImpl,
+    correctness_shapes,
+    jax_sophia,
+    jitted_step_and_refresh,
+    torch_sophia,
+)
 from gpu.record import Skip
 from sophia import narrow, spec
 
@@ -132,7 +139,6 @@ class NarrowTorch:
     """:class:`sophia.torch.SophiaG` on one path with narrow state, loaded and read per tensor."""
 
     def __init__(self, torch: Any, path: str, shapes: list, device: Any, forms: tuple) -> None:
-        from sophia.torch import SophiaG
 
         self.torch, self.device, self.forms = torch, device, forms
         self.params = [
@@ -140,14 +146,8 @@ class NarrowTorch:
         ]
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        self.opt = SophiaG(
+        self.opt = torch_sophia(
             self.params,
-            lr=HP["lr"],
-            betas=(HP["b1"], HP["b2"]),
-            rho=HP["rho"],
-            weight_decay=HP["weight_decay"],
-            bs=HP["bs"],
-            eps=HP["eps"],
             mu_dtype=forms[0],
             hessian_dtype=forms[1],
             seed=SEED,
@@ -213,18 +213,8 @@ class NarrowJax:
     def __init__(self, jax: Any, shapes: list, forms: tuple) -> None:
         import jax.numpy as jnp
 
-        import sophia.jax as sj
-
         self.jax, self.jnp, self.forms = jax, jnp, forms
-        tx = sj.sophia_g(
-            HP["lr"],
-            HP["b1"],
-            HP["b2"],
-            HP["rho"],
-            HP["weight_decay"],
-            bs=HP["bs"],
-            eps=HP["eps"],
-            hessian_update_interval=None,
+        tx = jax_sophia(
             mu_dtype=forms[0],
             hessian_dtype=forms[1],
             seed=SEED,
