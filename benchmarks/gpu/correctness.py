@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from harness.ulp import ulps_of_operands
 
-from gpu.environment import Frameworks
+from gpu.environment import Frameworks, xla_without_fma
 from gpu.implementations import (
     HP,
     REFRESH_EVERY,
@@ -59,8 +58,8 @@ def expectation(name: str, fw: Frameworks) -> tuple[str, str]:
             "inductor's eager_numerics.division_rounding is on, which the fused-div_rn row tests"
         )
     backend = fw.jax.default_backend()
-    flags = os.environ.get("XLA_FLAGS", "")
-    if backend == "cpu" and any(f"--xla_cpu_max_isa={isa}" in flags for isa in ("AVX", "SSE4_2")):
+    flags = xla_without_fma(backend)
+    if flags is not None:
         return "exact", f"XLA:CPU under XLA_FLAGS={flags} (no FMA instructions)"
     where = "XLA:CPU" if backend == "cpu" else f"XLA:{backend.upper()} (LLVM backend)"
     return "fma", (

@@ -144,3 +144,13 @@ def probe(smoke: bool, allow_cpu: bool) -> tuple[Frameworks, dict[str, Any]]:
     env["torch_runs_on"] = None if fw.torch_device is None else str(fw.torch_device)
     env["jax_runs_on"] = None if fw.jax is None else fw.jax.default_backend()
     return fw, env
+
+
+def xla_without_fma(backend: str) -> str | None:
+    """The ``XLA_FLAGS`` that keep XLA:CPU from fused multiply-adds, if they are set; else None.
+
+    Jitted JAX is then held to the exact contract; otherwise to the FMA bound.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    capped = any(f"--xla_cpu_max_isa={isa}" in flags for isa in ("AVX", "SSE4_2"))
+    return flags if backend == "cpu" and capped else None

@@ -12,14 +12,13 @@ one step's difference. float32 parameters (the case narrow state is for).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 from harness.ulp import ulp_diff, ulps_of_operands
 
-from gpu.environment import Frameworks
+from gpu.environment import Frameworks, xla_without_fma
 from gpu.implementations import (
     HP,
     TorchImpl,
@@ -325,14 +324,14 @@ def expectation(name: str, fw: Frameworks) -> tuple[str, str]:
             "rounded; a miss here with eager rows exact is that"
         )
     backend = fw.jax.default_backend()
-    flags = os.environ.get("XLA_FLAGS", "")
-    if backend == "cpu" and any(f"--xla_cpu_max_isa={isa}" in flags for isa in ("AVX", "SSE4_2")):
+    flags = xla_without_fma(backend)
+    if flags is not None:
         return "exact", f"XLA:CPU under XLA_FLAGS={flags} (no FMA instructions)"
     return "fma", (
         f"XLA:{backend.upper()} contracts the momentum and EMA into fused multiply-adds "
         "inside jit: a stochastic rounding whose threshold falls between the two float32 "
-        f"values differs (bounds {FMA_BOUNDS}); block8's division and sqrt sit behind "
-        "optimization barriers, so a larger code difference means XLA's differ"
+        f"values differs (bounds {FMA_BOUNDS}); block8's divisions are kept from XLA's "
+        "reciprocal rewrite, so a larger code difference means XLA's division or sqrt differ"
     )
 
 
